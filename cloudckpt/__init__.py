@@ -1,0 +1,1 @@
+"""cloudckpt: PyTorch checkpoints on cloud object storage."""

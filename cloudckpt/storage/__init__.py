@@ -1,0 +1,16 @@
+"""Storage backends: the only package that imports fsspec, s3fs, gcsfs or boto clients."""
+
+from .base import ObjectInfo, PendingUpload, Storage, Upload, UploadMetrics
+from .registry import get_storage, join_url, normalize_url, split_url
+
+__all__ = [
+    "ObjectInfo",
+    "PendingUpload",
+    "Storage",
+    "Upload",
+    "UploadMetrics",
+    "get_storage",
+    "join_url",
+    "normalize_url",
+    "split_url",
+]

@@ -1,0 +1,73 @@
+"""URL scheme -> storage backend, imported lazily, with an install hint when a client is missing."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from urllib.parse import urlsplit
+
+from ..config import StorageConfig
+from ..errors import UnsupportedURLError
+from .base import Storage
+
+# scheme -> (module, class, pip requirement that provides its client)
+_BACKENDS: dict[str, tuple[str, str, str]] = {
+    "s3": ("cloudckpt.storage.s3", "S3Storage", "boto3"),
+    "s3a": ("cloudckpt.storage.s3", "S3Storage", "boto3"),
+    "gs": ("cloudckpt.storage.gcs", "GCSStorage", "gcsfs"),
+    "gcs": ("cloudckpt.storage.gcs", "GCSStorage", "gcsfs"),
+    "file": ("cloudckpt.storage.local", "LocalStorage", ""),
+    "memory": ("cloudckpt.storage.fsspec_generic", "FsspecStorage", "fsspec"),
+}
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``(scheme, rest)``; plain paths are ``("file", absolute_path)``."""
+    if not isinstance(url, str | os.PathLike):
+        raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(url).__name__}")
+    url = os.fspath(url)
+    if not url:
+        raise UnsupportedURLError("empty checkpoint path", hint="pass s3://bucket/prefix or a dir")
+    parts = urlsplit(url)
+    if len(parts.scheme) <= 1:  # no scheme, or a Windows drive letter
+        return "file", os.path.abspath(url)
+    scheme = parts.scheme.lower()
+    return scheme, url[len(parts.scheme) + 3 :] if url[len(parts.scheme) :].startswith("://") else url
+
+
+def normalize_url(url: str) -> str:
+    """Canonical form: ``scheme://rest`` without trailing slash; local paths become absolute."""
+    scheme, rest = split_url(url)
+    if scheme == "file":
+        return os.path.abspath(rest)
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+def join_url(base: str, *names: str) -> str:
+    """Join path components with ``/`` (object stores) or the OS separator (local paths)."""
+    out = base.rstrip("/")
+    for name in names:
+        out = f"{out}/{name.strip('/')}"
+    return out
+
+
+def get_storage(url: str, config: StorageConfig | None = None) -> Storage:
+    """The backend serving ``url``, configured by ``config`` (default: anonymous defaults)."""
+    scheme, _ = split_url(url)
+    try:
+        module_name, class_name, requirement = _BACKENDS[scheme]
+    except KeyError:
+        raise UnsupportedURLError(
+            f"unsupported URL scheme {scheme!r} in {url!r}",
+            hint=f"use one of {sorted(set(_BACKENDS))} or a local path",
+        ) from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UnsupportedURLError(
+            f"the client for {scheme}:// URLs is not installed ({e})",
+            url=url,
+            hint=f"pip install {requirement}",
+        ) from e
+    backend_cls: type[Storage] = getattr(module, class_name)
+    return backend_cls(config or StorageConfig())
