@@ -37,6 +37,7 @@ from torch.distributed.checkpoint._experimental.checkpoint_process import (
 from torch.distributed.checkpoint._experimental.checkpoint_process import (
     CheckpointProcessConfig,
 )
+from torch.distributed.checkpoint._experimental.staging import DefaultStager
 from torch.distributed.checkpoint._experimental.types import STATE_DICT
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "CheckpointProcessConfig",
     "CheckpointStager",
     "CheckpointStagerConfig",
+    "DefaultStager",
     "RankInfo",
     "UpstreamAsyncCheckpointer",
     "UpstreamCheckpointProcess",

@@ -135,6 +135,27 @@ class Storage(abc.ABC):
         object: ObjectChangedError if it changed. CorruptCheckpointError-free: a short object
         raises NotFoundError/StorageError with the URL; callers decide what it means."""
 
+    def read_into_many(
+        self,
+        url: str,
+        offset: int,
+        targets: list[memoryview | int],
+        *,
+        version: str | None = None,
+    ) -> None:
+        """Read consecutive bytes from ``offset`` scattering them over ``targets``: a memoryview
+        is filled, an int is a gap of that many bytes to skip. Backends that can stream one
+        GET into several buffers override this (one request for coalesced neighbours); the
+        default issues one :meth:`read_into` per buffer."""
+        pos = offset
+        for target in targets:
+            if isinstance(target, int):
+                pos += target
+                continue
+            if target.nbytes:
+                self.read_into(url, pos, target, version=version)
+            pos += target.nbytes
+
     # --- namespace ------------------------------------------------------------------------
     @abc.abstractmethod
     def list(self, prefix_url: str) -> list[ObjectInfo]:

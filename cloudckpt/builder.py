@@ -1,0 +1,121 @@
+"""Factories with upstream's signatures that build checkpointers on cloud storage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+from ._upstream import (
+    BarrierConfig,
+    CheckpointStager,
+    RankInfo,
+    UpstreamCheckpointProcess,
+    WriterHook,
+    create_barrier_from_config,
+)
+from .checkpointer import AsyncCheckpointer, SyncCheckpointer
+from .config import CheckpointerConfig, CheckpointWriterConfig, StorageConfig
+from .reader import CheckpointReader
+from .staging import CloudStager
+from .writer import CheckpointWriter
+
+
+def default_rank_info() -> RankInfo:
+    """This process's rank from the default process group, or a single rank."""
+    if dist.is_available() and dist.is_initialized():
+        return RankInfo(global_world_size=dist.get_world_size(), global_rank=dist.get_rank())
+    return RankInfo(global_world_size=1, global_rank=0)
+
+
+def default_subprocess_init_fn(*_: Any) -> None:
+    """No-op subprocess initializer (upstream's default)."""
+
+
+def default_writer_init_fn(
+    rank_info: RankInfo,
+    config: CheckpointWriterConfig | None = None,
+    storage_config: StorageConfig | None = None,
+    barrier_config: BarrierConfig | None = None,
+    commit_hook: WriterHook | None = None,
+) -> CheckpointWriter:
+    """Builds the writer inside the async subprocess: its own storage clients and barrier,
+    nothing inherited from the parent (no event loops, no sockets)."""
+    return CheckpointWriter(
+        config=config,
+        rank_info=rank_info,
+        barrier=create_barrier_from_config(barrier_config or BarrierConfig()),
+        commit_hook=commit_hook,
+        storage_config=storage_config,
+    )
+
+
+def make_sync_checkpointer(
+    config: CheckpointerConfig | None = None,
+    rank_info: RankInfo | None = None,
+    commit_hook: WriterHook | None = None,
+) -> SyncCheckpointer:
+    """A checkpointer that saves in the calling thread.
+
+    Examples::
+
+        ckpt = make_sync_checkpointer(CheckpointerConfig(storage_options={"endpoint_url": url}))
+        ckpt.save("s3://bucket/run/step-100", model.state_dict())
+        state = ckpt.load("s3://bucket/run/step-100")
+    """
+    config = config or CheckpointerConfig()
+    rank_info = rank_info or default_rank_info()
+    storage_config = config.storage_config()
+    writer = CheckpointWriter(
+        config=config.writer_config,
+        rank_info=rank_info,
+        barrier=create_barrier_from_config(config.barrier_config),
+        commit_hook=commit_hook,
+        storage_config=storage_config,
+    )
+    reader = CheckpointReader(rank_info, config.reader_config, storage_config=storage_config)
+    return SyncCheckpointer(writer=writer, reader=reader)
+
+
+def make_async_checkpointer(
+    config: CheckpointerConfig | None = None,
+    rank_info: RankInfo | None = None,
+    subprocess_init_fn: Callable[..., None] = default_subprocess_init_fn,
+    subprocess_init_args: tuple[Any, ...] = (),
+    checkpoint_writer_init_fn: Callable[..., CheckpointWriter] = default_writer_init_fn,
+    checkpoint_writer_init_args: dict[str, Any] | None = None,
+    commit_hook: WriterHook | None = None,
+) -> AsyncCheckpointer:
+    """A checkpointer that stages tensors to CPU and uploads from a spawned subprocess.
+
+    Examples::
+
+        ckpt = make_async_checkpointer(CheckpointerConfig(storage_options=opts))
+        stage_future, write_future = ckpt.save("s3://bucket/run/step-100", state_dict)
+        stage_future.result()   # tensors may be mutated again from here on
+        write_future.result()   # committed
+    """
+    config = config or CheckpointerConfig()
+    rank_info = rank_info or default_rank_info()
+    storage_config = config.storage_config()
+    init_args: dict[str, Any] = {
+        "config": config.writer_config,
+        "storage_config": storage_config,
+        "barrier_config": config.barrier_config,
+        "commit_hook": commit_hook,
+    }
+    if checkpoint_writer_init_fn is not default_writer_init_fn:
+        init_args = {}
+    init_args.update(checkpoint_writer_init_args or {})
+    stager: CheckpointStager = CloudStager(config.staging_config)
+    process = UpstreamCheckpointProcess(
+        rank_info=rank_info,
+        config=config.process_config,
+        subprocess_init_fn=subprocess_init_fn,
+        subprocess_init_args=subprocess_init_args,
+        checkpoint_writer_init_fn=checkpoint_writer_init_fn,
+        checkpoint_writer_init_args=init_args,
+    )
+    reader = CheckpointReader(rank_info, config.reader_config, storage_config=storage_config)
+    return AsyncCheckpointer(checkpoint_stager=stager, checkpoint_process=process, reader=reader)

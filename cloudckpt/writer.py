@@ -1,0 +1,223 @@
+"""CheckpointWriter: upstream's writer interface, streaming each rank's object to any store.
+
+Lifecycle of one ``write(path, state_dict)`` (every rank runs it; rank 0 also commits)::
+
+    1. every rank: refuse early if a committed checkpoint is at ``path`` (unless overwrite;
+       then the old manifest is deleted first, so a crash leaves no stale commit behind)
+    2. every rank: stream ``checkpoint_<rank>.pt`` (torch.save format) into an upload;
+       any failure aborts the upload: nothing appears at the key
+    3. every rank: write ``.cloudckpt/rank_<rank>.json`` (its byte map and checksums)
+    4. every rank: commit hook ``pre_commit``, then the barrier (all ranks' objects durable)
+    5. rank 0: read every rank record, check each object's size, write the manifest last,
+       conditionally (If-None-Match / ifGenerationMatch=0) unless overwrite: the commit
+    6. every rank: commit hook ``post_commit``
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._upstream import STATE_DICT, Barrier, RankInfo, UpstreamCheckpointWriter, WriterHook
+from .config import CheckpointWriterConfig, StorageConfig
+from .errors import CommitConflictError, CorruptCheckpointError, NotFoundError, SaveFailedError
+from .format import estimate_size_bytes, serialize
+from .manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    RankEntry,
+    parse_rank_record,
+    rank_entry_to_dict,
+    rank_object_name,
+    rank_record_name,
+)
+from .storage import Storage, UploadMetrics, get_storage, join_url, normalize_url, split_url
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SaveMetrics:
+    """What one rank's save cost. ``blocked_secs`` is filled by async checkpointers."""
+
+    path: str
+    rank: int
+    bytes: int = 0
+    parts: int = 0
+    retries: int = 0
+    throttles: int = 0
+    upload_secs: float = 0.0
+    total_secs: float = 0.0
+    blocked_secs: float | None = None
+    committed: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mib_per_sec(self) -> float:
+        return self.bytes / (1 << 20) / self.upload_secs if self.upload_secs > 0 else 0.0
+
+    @classmethod
+    def from_upload(cls, path: str, rank: int, m: UploadMetrics) -> SaveMetrics:
+        return cls(
+            path=path,
+            rank=rank,
+            bytes=m.bytes_sent,
+            parts=m.parts,
+            retries=m.retries,
+            throttles=m.throttles,
+            upload_secs=m.seconds,
+        )
+
+
+class CheckpointWriter(UpstreamCheckpointWriter):
+    """Writes one rank's part of a checkpoint to ``path`` (any supported URL); see module doc.
+
+    Same constructor as upstream's, plus ``storage_config`` (credentials, upload and retry
+    policy). ``write`` returns None like upstream's; ``last_metrics`` holds the save's metrics.
+    The keyword ``metadata`` (a JSON-serializable dict) given to ``save``/``write`` is stored in
+    the manifest's ``user_metadata``; all keywords also reach the commit hooks.
+    """
+
+    def __init__(
+        self,
+        config: CheckpointWriterConfig | None = None,
+        rank_info: RankInfo | None = None,
+        barrier: Barrier | None = None,
+        commit_hook: WriterHook | None = None,
+        *,
+        storage_config: StorageConfig | None = None,
+    ) -> None:
+        config = config or CheckpointWriterConfig()
+        super().__init__(
+            config=config,  # type: ignore[arg-type]
+            rank_info=rank_info or RankInfo(global_rank=0, global_world_size=1),
+            barrier=barrier,
+            commit_hook=commit_hook,
+        )
+        self._config: CheckpointWriterConfig = config
+        self._storage_config = storage_config or StorageConfig()
+        self._storages: dict[str, Storage] = {}
+        self.last_metrics: SaveMetrics | None = None
+
+    def storage(self, url: str) -> Storage:
+        """The (cached) backend for ``url``'s scheme."""
+        scheme, _ = split_url(url)
+        if scheme not in self._storages:
+            self._storages[scheme] = get_storage(url, self._storage_config)
+        return self._storages[scheme]
+
+    def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
+        url = normalize_url(path)
+        rank = self._rank_info.global_rank
+        storage = self.storage(url)
+        started = time.perf_counter()
+        manifest_url = join_url(url, MANIFEST_NAME)
+        if self._config.overwrite:
+            storage.delete([manifest_url])
+        elif storage.exists(manifest_url):
+            raise CommitConflictError(
+                f"a committed checkpoint already exists at {url}",
+                url=url,
+                rank=rank,
+                hint="save to a new path (e.g. per step) or set "
+                "CheckpointWriterConfig(overwrite=True)",
+            )
+
+        entry, metrics = self._upload_rank_object(storage, url, state_dict)
+        storage.put_bytes(
+            join_url(url, rank_record_name(rank)), json.dumps(rank_entry_to_dict(entry)).encode()
+        )
+
+        if self._commit_hook is not None:
+            self._commit_hook.pre_commit(url, **kwargs)
+        if self._barrier is not None:
+            logger.debug("rank %d waiting at the commit barrier for %s", rank, url)
+            self._barrier.execute_barrier()
+        if rank == 0:
+            self._commit(storage, url, entry, kwargs.get("metadata"))
+        metrics.committed = True
+        metrics.total_secs = time.perf_counter() - started
+        self.last_metrics = metrics
+        if self._commit_hook is not None:
+            self._commit_hook.post_commit(url, **kwargs)
+        logger.info(
+            "rank %d saved %s: %d bytes in %.2fs (%.1f MiB/s, %d retries)",
+            rank,
+            url,
+            metrics.bytes,
+            metrics.total_secs,
+            metrics.mib_per_sec,
+            metrics.retries,
+        )
+
+    def _upload_rank_object(
+        self, storage: Storage, url: str, state_dict: STATE_DICT
+    ) -> tuple[RankEntry, SaveMetrics]:
+        rank = self._rank_info.global_rank
+        name = rank_object_name(rank)
+        obj_url = join_url(url, name)
+        upload = storage.open_upload(obj_url, size_hint_bytes=estimate_size_bytes(state_dict))
+        try:
+            layout = serialize(state_dict, upload)
+            info = upload.commit()
+        except BaseException:
+            upload.abort()
+            raise
+        if info.size_bytes != layout.size_bytes:
+            raise CorruptCheckpointError(
+                f"{obj_url} is {info.size_bytes} bytes after upload, {layout.size_bytes} were sent",
+                url=obj_url,
+                rank=rank,
+                hint="the store lost data; retry the save",
+            )
+        metrics = SaveMetrics.from_upload(url, rank, upload.metrics)
+        return RankEntry(rank, name, info.version, layout), metrics
+
+    def _commit(
+        self, storage: Storage, url: str, own: RankEntry, metadata: dict[str, Any] | None
+    ) -> None:
+        """Rank 0: check every rank's object and write the manifest (the commit)."""
+        world = self._rank_info.global_world_size
+        entries = [own]
+        for r in range(1, world):
+            record_url = join_url(url, rank_record_name(r))
+            try:
+                entry = parse_rank_record(storage.get_bytes(record_url), url=record_url)
+                info = storage.head(join_url(url, entry.object_name))
+            except NotFoundError as e:
+                raise SaveFailedError(
+                    f"rank {r}'s part of {url} is missing at commit time",
+                    url=url,
+                    rank=r,
+                    hint="that rank failed or its barrier was skipped; nothing was committed",
+                ) from e
+            if info.size_bytes != entry.size_bytes or (
+                entry.version is not None and info.version is not None and info.version != entry.version
+            ):
+                raise SaveFailedError(
+                    f"rank {r}'s object at {url} does not match its record (stale or replaced)",
+                    url=url,
+                    rank=r,
+                    hint="another save may be writing the same path; nothing was committed",
+                )
+            entries.append(entry)
+        manifest = Manifest(
+            world_size=world,
+            ranks=tuple(entries),
+            torch_version=torch.__version__,
+            user_metadata=dict(metadata or {}),
+        )
+        storage.put_bytes(
+            join_url(url, MANIFEST_NAME), manifest.to_json(), if_absent=not self._config.overwrite
+        )
+        logger.info("committed %s (%d ranks, %d bytes)", url, world, manifest.total_bytes)
+
+    def close(self) -> None:
+        for s in self._storages.values():
+            s.close()
+        self._storages.clear()
