@@ -11,11 +11,11 @@ from ._upstream import (
     BarrierConfig,
     CheckpointStager,
     RankInfo,
-    UpstreamCheckpointProcess,
     WriterHook,
     create_barrier_from_config,
 )
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
+from .process import CheckpointProcess
 from .config import CheckpointerConfig, CheckpointWriterConfig, StorageConfig
 from .reader import CheckpointReader
 from .staging import CloudStager
@@ -109,7 +109,7 @@ def make_async_checkpointer(
         init_args = {}
     init_args.update(checkpoint_writer_init_args or {})
     stager: CheckpointStager = CloudStager(config.staging_config)
-    process = UpstreamCheckpointProcess(
+    process = CheckpointProcess(
         rank_info=rank_info,
         config=config.process_config,
         subprocess_init_fn=subprocess_init_fn,

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
-from ._upstream import STATE_DICT, UpstreamAsyncCheckpointer, UpstreamSyncCheckpointer
+from ._upstream import (
+    STATE_DICT,
+    UpstreamAsyncCheckpointer,
+    UpstreamSyncCheckpointer,
+    wrap_future,
+)
 from .errors import StateDictMismatchError
 from .writer import SaveMetrics
 
@@ -59,12 +64,17 @@ class SyncCheckpointer(_LoadMixin, UpstreamSyncCheckpointer):
         super().save(path, state_dict, **kwargs)
         metrics = self.last_metrics
         if metrics is not None:
-            metrics.blocked_secs = time.perf_counter() - started
+            metrics.blocked_secs = metrics.commit_secs = time.perf_counter() - started
         return None
 
 
 class AsyncCheckpointer(_LoadMixin, UpstreamAsyncCheckpointer):
-    """Stages tensors to CPU, then writes from a spawned subprocess (see ``cloudckpt.process``)."""
+    """Stages tensors to CPU, then writes from a spawned subprocess (see ``cloudckpt.process``).
+
+    Like upstream, a new ``save`` first waits for the previous write to finish; unlike
+    upstream, a previous write's failure is not raised again here (its own future carries it),
+    so a training loop can keep checkpointing after one failed save.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,26 +84,39 @@ class AsyncCheckpointer(_LoadMixin, UpstreamAsyncCheckpointer):
         self, path: str, state_dict: STATE_DICT, **kwargs: Any
     ) -> tuple[Future, Future] | None:
         started = time.perf_counter()
-        result = super().save(path, state_dict, **kwargs)
-        if result is None:
-            raise RuntimeError("upstream AsyncCheckpointer.save returned no futures")
-        stage_future, write_future = result
+        if self._write_future is not None:
+            wait([self._write_future])
+        staging_result = self._checkpoint_stager.stage(state_dict=state_dict, **kwargs)
+        write_future = self._checkpoint_process.write(staging_result, path, **kwargs)
+        self._write_future = write_future
         metrics = SaveMetrics(path=path, rank=-1)
         self.last_metrics = metrics
+        # Chained futures: the metrics are final before a caller's result() returns.
+        stage_future: Future[None] = Future()
+        done_future: Future[SaveMetrics | None] = Future()
 
-        def staged(_: Future) -> None:
+        def staged(f: Future) -> None:
             metrics.blocked_secs = time.perf_counter() - started
+            _forward(f, stage_future, None)
 
         def written(f: Future) -> None:
-            metrics.total_secs = time.perf_counter() - started
             value = None if f.cancelled() or f.exception() else f.result()
             if isinstance(value, SaveMetrics):
                 value.blocked_secs = metrics.blocked_secs
-                value.total_secs = metrics.total_secs
+                value.commit_secs = time.perf_counter() - started
                 self.last_metrics = value
-            else:
-                metrics.committed = not f.cancelled() and f.exception() is None
+            _forward(f, done_future, value)
 
-        stage_future.add_done_callback(staged)
+        wrap_future(staging_result).add_done_callback(staged)
         write_future.add_done_callback(written)
-        return stage_future, write_future
+        logger.info("checkpoint save to %s initiated", path)
+        return stage_future, done_future
+
+
+def _forward(src: Future, dst: Future, value: Any) -> None:
+    if src.cancelled():
+        dst.cancel()
+    elif src.exception() is not None:
+        dst.set_exception(src.exception())
+    else:
+        dst.set_result(value)

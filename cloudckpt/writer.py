@@ -43,7 +43,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SaveMetrics:
-    """What one rank's save cost. ``blocked_secs`` is filled by async checkpointers."""
+    """What one rank's save cost.
+
+    ``upload_secs``/``total_secs`` are measured by the writer (streaming the object; the whole
+    write including barrier and commit). The checkpointer adds the caller's view:
+    ``blocked_secs`` from ``save()`` entry until the caller may mutate its tensors again, and
+    ``commit_secs`` from ``save()`` entry until the checkpoint is durably committed.
+    """
 
     path: str
     rank: int
@@ -54,6 +60,7 @@ class SaveMetrics:
     upload_secs: float = 0.0
     total_secs: float = 0.0
     blocked_secs: float | None = None
+    commit_secs: float | None = None
     committed: bool = False
     extra: dict[str, float] = field(default_factory=dict)
 

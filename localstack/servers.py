@@ -466,6 +466,32 @@ class S3Server(LocalServer):
         return True
 
 
+class _TempdirOverride:
+    """Process-wide ``tempfile.tempdir`` overrides, undone in any order.
+
+    The newest live override wins; when the last one goes, the original value comes back.
+    """
+
+    _lock = threading.Lock()
+    _stack: ClassVar[list[str]] = []
+    _original: ClassVar[str | None] = None
+
+    @classmethod
+    def push(cls, path: str) -> None:
+        with cls._lock:
+            if not cls._stack:
+                cls._original = tempfile.tempdir
+            cls._stack.append(path)
+            tempfile.tempdir = path
+
+    @classmethod
+    def pop(cls, path: str) -> None:
+        with cls._lock:
+            if path in cls._stack:
+                cls._stack.remove(path)
+            tempfile.tempdir = cls._stack[-1] if cls._stack else cls._original
+
+
 class MotoServer(S3Server):
     """moto's S3 server in a thread of this process (``ThreadedMotoServer``).
 
@@ -491,8 +517,7 @@ class MotoServer(S3Server):
         )
         self._requested_port = port
         self._server: Any = None
-        self._saved_tempdir: str | None = None
-        self._tempdir_overridden = False
+        self._spool_dir: str | None = None
 
     @property
     def is_running(self) -> bool:
@@ -510,9 +535,8 @@ class MotoServer(S3Server):
         assert self._data_dir is not None
         spool_dir = self._data_dir / "spool"
         spool_dir.mkdir()
-        self._saved_tempdir = tempfile.tempdir
-        tempfile.tempdir = str(spool_dir)
-        self._tempdir_overridden = True
+        self._spool_dir = str(spool_dir)
+        _TempdirOverride.push(self._spool_dir)
         os.environ.setdefault("MOTO_ALLOW_NONEXISTENT_REGION", "true")
         server = ThreadedMotoServer(
             ip_address=LOCALHOST, port=self._requested_port or 0, verbose=False
@@ -537,9 +561,9 @@ class MotoServer(S3Server):
                 wsgi = getattr(server, "_server", None)
                 if wsgi is not None:
                     wsgi.server_close()
-        if self._tempdir_overridden:
-            tempfile.tempdir = self._saved_tempdir
-            self._tempdir_overridden = False
+        if self._spool_dir is not None:
+            _TempdirOverride.pop(self._spool_dir)
+            self._spool_dir = None
 
 
 class ProcessServer(LocalServer):

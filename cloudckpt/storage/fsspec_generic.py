@@ -80,16 +80,15 @@ def _version_of(info: dict[str, Any]) -> str:
     for key in _TIME_KEYS:
         stamp = _timestamp(info.get(key))
         if stamp is not None:
-            return f"{int(round(stamp * 1e6))}:{info.get('size')}"
+            return f"{round(stamp * 1e6)}:{info.get('size')}"
     return f"size:{info.get('size')}"
 
 
 def _object_info(url: str, info: dict[str, Any]) -> ObjectInfo:
-    mtime = next(
-        (t for t in (_timestamp(info.get(k)) for k in _TIME_KEYS) if t is not None), None
+    mtime = next((t for t in (_timestamp(info.get(k)) for k in _TIME_KEYS) if t is not None), None)
+    return ObjectInfo(
+        url=url, size_bytes=int(info["size"]), version=_version_of(info), mtime_secs=mtime
     )
-    return ObjectInfo(url=url, size_bytes=int(info["size"]), version=_version_of(info),
-                      mtime_secs=mtime)
 
 
 def supports_deferred_commit(fs: fsspec.AbstractFileSystem) -> bool:
@@ -187,8 +186,10 @@ class _DeferredCommitUpload(Upload):
             if self._state != "open":
                 raise ValueError(f"upload to {self.url} is already {self._state}")
             try:
-                self._file.commit()  # flushes what is buffered, then makes it visible
+                # fsspec's transaction order: close() sends what is buffered without
+                # finishing, commit() makes the object visible.
                 self._file.close()
+                self._file.commit()
             except Exception as e:
                 self._discard_locked()
                 raise _translate(e, self.url, "commit") from e
@@ -196,8 +197,7 @@ class _DeferredCommitUpload(Upload):
         info = self._storage.head(self.url)
         if info.size_bytes != self._size:
             raise StorageError(
-                f"{self.url} holds {info.size_bytes} bytes after commit, {self._size} were "
-                "written",
+                f"{self.url} holds {info.size_bytes} bytes after commit, {self._size} were written",
                 url=self.url,
             )
         self.metrics.bytes_sent = self._size
@@ -210,11 +210,15 @@ class _DeferredCommitUpload(Upload):
                 self._discard_locked()
 
     def _discard_locked(self) -> None:
+        """close() then discard(), as an fsspec transaction rolls back; failures are logged."""
         self._state = "aborted"
-        try:
-            self._file.discard()
-        except Exception as e:
-            logger.warning("discarding the upload to %s failed: %s", self.url, e)
+        for step in (self._file.close, self._file.discard):
+            try:
+                step()
+            except Exception as e:
+                logger.warning(
+                    "%s of the aborted upload to %s failed: %s", step.__name__, self.url, e
+                )
 
 
 class FsspecStorage(Storage):
@@ -271,19 +275,17 @@ class FsspecStorage(Storage):
         if not if_absent:
             self._call(lambda: fs.pipe_file(path, data), url, "put")
             return self.head(url)
+
+        def create() -> None:
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError as e:
+                raise CommitConflictError(f"an object already exists at {url}", url=url) from e
+
         with _PUT_LOCK:
             if self._call(lambda: fs.exists(path), url, "exists check"):
                 raise CommitConflictError(f"an object already exists at {url}", url=url)
-            try:
-                self._call(lambda: fs.pipe_file(path, data, mode="create"), url, "put")
-            except CommitConflictError:
-                raise
-            except StorageError as e:
-                if isinstance(e.__cause__, FileExistsError):
-                    raise CommitConflictError(
-                        f"an object already exists at {url}", url=url
-                    ) from e.__cause__
-                raise
+            self._call(create, url, "put")
         return self.head(url)
 
     # --- reads ------------------------------------------------------------------------------
