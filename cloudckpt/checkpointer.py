@@ -19,7 +19,8 @@ from ._upstream import (
     UpstreamSyncCheckpointer,
     wrap_future,
 )
-from .errors import StateDictMismatchError
+from .errors import StateDictMismatchError, UnsupportedURLError
+from .storage import is_process_local
 from .writer import SaveMetrics
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,13 @@ class AsyncCheckpointer(_LoadMixin, UpstreamAsyncCheckpointer):
         self, path: str, state_dict: STATE_DICT, **kwargs: Any
     ) -> tuple[Future, Future] | None:
         started = time.perf_counter()
+        if is_process_local(path):
+            raise UnsupportedURLError(
+                f"cannot save {path} asynchronously: memory:// lives inside one process and the "
+                "async writer runs in a subprocess",
+                url=path,
+                hint="use make_sync_checkpointer for memory:// (tests), or a real store",
+            )
         if self._write_future is not None:
             wait([self._write_future])
         staging_result = self._checkpoint_stager.stage(state_dict=state_dict, **kwargs)

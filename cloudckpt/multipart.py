@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import google_crc32c
 
-from .config import MiB, S3_MAX_PART_SIZE_BYTES, S3_MAX_UPLOAD_PARTS, S3_MIN_PART_SIZE_BYTES
+from .config import S3_MAX_PART_SIZE_BYTES, S3_MAX_UPLOAD_PARTS, S3_MIN_PART_SIZE_BYTES, MiB
 
 if TYPE_CHECKING:
     from .storage.base import PendingUpload, Storage

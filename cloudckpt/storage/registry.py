@@ -51,6 +51,15 @@ def join_url(base: str, *names: str) -> str:
     return out
 
 
+# Schemes whose data lives inside one process (an async writer subprocess cannot share it).
+_PROCESS_LOCAL_SCHEMES = frozenset({"memory"})
+
+
+def is_process_local(url: str) -> bool:
+    """Whether ``url``'s store is private to the process that writes it (``memory://``)."""
+    return split_url(url)[0] in _PROCESS_LOCAL_SCHEMES
+
+
 def get_storage(url: str, config: StorageConfig | None = None) -> Storage:
     """The backend serving ``url``, configured by ``config`` (default: anonymous defaults)."""
     scheme, _ = split_url(url)
