@@ -14,6 +14,7 @@ from ._upstream import (
     WriterHook,
     create_barrier_from_config,
 )
+from .barriers import agree_run_id
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
 from .process import CheckpointProcess
 from .config import CheckpointerConfig, CheckpointWriterConfig, StorageConfig
@@ -39,6 +40,7 @@ def default_writer_init_fn(
     storage_config: StorageConfig | None = None,
     barrier_config: BarrierConfig | None = None,
     commit_hook: WriterHook | None = None,
+    run_id: str | None = None,
 ) -> CheckpointWriter:
     """Builds the writer inside the async subprocess: its own storage clients and barrier,
     nothing inherited from the parent (no event loops, no sockets)."""
@@ -48,6 +50,7 @@ def default_writer_init_fn(
         barrier=create_barrier_from_config(barrier_config or BarrierConfig()),
         commit_hook=commit_hook,
         storage_config=storage_config,
+        run_id=run_id,
     )
 
 
@@ -99,11 +102,13 @@ def make_async_checkpointer(
     config = config or CheckpointerConfig()
     rank_info = rank_info or default_rank_info()
     storage_config = config.storage_config()
+    run_id = agree_run_id(rank_info)
     init_args: dict[str, Any] = {
         "config": config.writer_config,
         "storage_config": storage_config,
         "barrier_config": config.barrier_config,
         "commit_hook": commit_hook,
+        "run_id": run_id,
     }
     if checkpoint_writer_init_fn is not default_writer_init_fn:
         init_args = {}
@@ -118,4 +123,6 @@ def make_async_checkpointer(
         checkpoint_writer_init_args=init_args,
     )
     reader = CheckpointReader(rank_info, config.reader_config, storage_config=storage_config)
-    return AsyncCheckpointer(checkpoint_stager=stager, checkpoint_process=process, reader=reader)
+    return AsyncCheckpointer(
+        checkpoint_stager=stager, checkpoint_process=process, reader=reader, run_id=run_id
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from concurrent.futures import Future, wait
 from typing import Any
 
@@ -77,9 +78,13 @@ class AsyncCheckpointer(_LoadMixin, UpstreamAsyncCheckpointer):
     so a training loop can keep checkpointing after one failed save.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, run_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.last_metrics: SaveMetrics | None = None
+        # Save ids are minted here, not in the subprocess, so a restarted writer keeps the
+        # sequence that all ranks share.
+        self._run_id = run_id or uuid.uuid4().hex[:12]
+        self._save_seq = 0
 
     def save(
         self, path: str, state_dict: STATE_DICT, **kwargs: Any
@@ -94,8 +99,11 @@ class AsyncCheckpointer(_LoadMixin, UpstreamAsyncCheckpointer):
             )
         if self._write_future is not None:
             wait([self._write_future])
+        self._save_seq += 1
         staging_result = self._checkpoint_stager.stage(state_dict=state_dict, **kwargs)
-        write_future = self._checkpoint_process.write(staging_result, path, **kwargs)
+        write_future = self._checkpoint_process.write(
+            staging_result, path, save_id=f"{self._run_id}-{self._save_seq}", **kwargs
+        )
         self._write_future = write_future
         metrics = SaveMetrics(path=path, rank=-1)
         self.last_metrics = metrics

@@ -113,8 +113,9 @@ class RetryConfig:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.initial_backoff_secs < 0 or self.max_backoff_secs < 0:
-            raise ValueError("backoff seconds must be >= 0")
+        for name in ("initial_backoff_secs", "max_backoff_secs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.deadline_secs is not None:
             _positive("deadline_secs", self.deadline_secs)
         _positive("request_timeout_secs", self.request_timeout_secs)
@@ -147,13 +148,20 @@ class CheckpointWriterConfig:
     Attributes:
         write_barrier_timeout_secs: how long a rank waits for the others at the commit barrier.
         overwrite: replace a committed checkpoint already at the path (default: refuse).
+        commit_timeout_secs: multi-rank saves: how long a rank whose part is durable waits
+            for the other ranks' outcome (and for rank 0's commit) before failing the save.
+        poll_interval_secs: how often a waiting rank looks at the store for that outcome.
     """
 
     write_barrier_timeout_secs: int = 600
     overwrite: bool = False
+    commit_timeout_secs: float = 300.0
+    poll_interval_secs: float = 0.25
 
     def __post_init__(self) -> None:
         _positive("write_barrier_timeout_secs", self.write_barrier_timeout_secs)
+        _positive("commit_timeout_secs", self.commit_timeout_secs)
+        _positive("poll_interval_secs", self.poll_interval_secs)
 
 
 @dataclass(frozen=True)
@@ -191,7 +199,12 @@ class CheckpointerConfig:
     retry_config: RetryConfig = field(default_factory=RetryConfig)
 
     def __post_init__(self) -> None:
-        # Validates storage_options' type early.
+        # Before storage_config(): dict() would accept a list of pairs and fail on other
+        # types with a message that does not name the field.
+        if not isinstance(self.storage_options, Mapping):
+            raise TypeError(
+                f"storage_options must be a mapping, got {type(self.storage_options).__name__}"
+            )
         self.storage_config()
 
     def storage_config(self) -> StorageConfig:

@@ -25,6 +25,8 @@ PICKLE_RECORD = "data.pkl"
 PICKLE_PROTOCOL = 2  # torch.save's DEFAULT_PROTOCOL
 # miniz writes a 16-byte data descriptor after each record's data when streaming (24 in zip64).
 _MAX_HEADER_WRITE_BYTES = 4096
+_DATA_DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
+_DATA_DESCRIPTOR_SIZES = (16, 24)
 
 
 class Writable(Protocol):
@@ -141,25 +143,32 @@ class _RecordingSink:
 
     def __init__(self, out: Writable) -> None:
         self._out = out
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # first failure, until raise_if_failed raises it
+        self.failed = False  # once set, writes are dropped (see write)
         self.position = 0
         self.crc = 0
         self._expect_nbytes: int | None = None
         self._candidates: list[tuple[int, int]] = []  # (offset, crc) of writes of that size
+        self._descriptor_offset = -1  # offset of the last write if it was a data descriptor
 
     def write(self, data: memoryview) -> int:
         n = data.nbytes
-        if self.error is not None:
+        if self.failed:
             return n
         try:
             self._write(data)
         except BaseException as e:  # re-raised by raise_if_failed, see the class docstring
             self.error = e
+            self.failed = True
         return n
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
-            raise self.error
+            # Drop the reference: the traceback will hold serialize's frame, which holds
+            # torch's writer, which holds this sink; kept here, that cycle (through C++, so
+            # invisible to the GC) would leak the whole state dict.
+            error, self.error = self.error, None
+            raise error
 
     def _write(self, data: memoryview) -> None:
         n = data.nbytes
@@ -169,6 +178,10 @@ class _RecordingSink:
             if n > _MAX_HEADER_WRITE_BYTES:
                 self._expect_nbytes = None
             self._candidates.append((self.position, crc32c(data)))
+        is_descriptor = (
+            n in _DATA_DESCRIPTOR_SIZES and data[:4].tobytes() == _DATA_DESCRIPTOR_SIGNATURE
+        )
+        self._descriptor_offset = self.position if is_descriptor else -1
         self.crc = crc32c(data, self.crc)
         self._out.write(data)
         self.position += n
@@ -184,11 +197,16 @@ class _RecordingSink:
             return self.position, crc32c(b"")
         if not self._candidates:
             raise RuntimeError(f"torch's zip writer did not write a {nbytes}-byte record in one call")
-        return self._candidates[-1]
+        candidates = self._candidates
+        if len(candidates) > 1 and candidates[-1][0] == self._descriptor_offset:
+            # A 16/24-byte record: the last write of its size is the data descriptor that
+            # follows the data, not the data.
+            candidates = candidates[:-1]
+        return candidates[-1]
 
     def flush(self) -> None:
         flush = getattr(self._out, "flush", None)
-        if flush is not None and self.error is None:
+        if flush is not None and not self.failed:
             flush()
 
 
@@ -201,7 +219,6 @@ def serialize(obj: Any, out: Writable, *, zip_crc32: bool = False) -> RankLayout
     and it costs about 0.5 s/GiB, so it is off unless asked for.
     """
     sink = _RecordingSink(out)
-    writer = torch._C.PyTorchFileWriter(sink, zip_crc32, _get_storage_alignment())
 
     id_map: dict[int, str] = {}
     serialized: dict[str, torch.UntypedStorage] = {}
@@ -236,43 +253,57 @@ def serialize(obj: Any, out: Writable, *, zip_crc32: bool = False) -> RankLayout
 
     class _Pickler(pickle.Pickler):
         def persistent_id(self, o: Any) -> Any:
-            return persistent_id(o)
+            return persistent_id(o)  # noqa: F821 (deleted below, after the dump)
 
     buf = io.BytesIO()
     _Pickler(buf, protocol=PICKLE_PROTOCOL).dump(obj)
     data = buf.getvalue()
     buf.close()
+    # The local class keeps this closure, and through it every storage, alive until the next
+    # full GC pass; empty its cell now, as torch.save does.
+    del persistent_id
 
-    sink.expect(len(data))
-    writer.write_record(PICKLE_RECORD, data, len(data))
-    sink.raise_if_failed()
-    pkl_offset, pkl_crc = sink.take(len(data))
-    pickle_span = Span(pkl_offset, len(data), pkl_crc)
-    del data
-
-    alignment = str(_get_storage_alignment())
-    for name, value in (
-        (".format_version", "1"),
-        (".storage_alignment", alignment),
-        ("byteorder", sys.byteorder),
-    ):
-        writer.write_record(name, value, len(value))
+    # Created after pickling, so that a pickling error leaves ``out`` untouched.
+    writer = torch._C.PyTorchFileWriter(sink, zip_crc32, _get_storage_alignment())
+    try:
+        sink.expect(len(data))
+        writer.write_record(PICKLE_RECORD, data, len(data))
         sink.raise_if_failed()
+        pkl_offset, pkl_crc = sink.take(len(data))
+        pickle_span = Span(pkl_offset, len(data), pkl_crc)
+        del data
 
-    spans: list[StorageSpan] = []
-    for key, storage in serialized.items():
-        nbytes = storage.nbytes()
-        if storage.device.type != "cpu":
-            storage = storage.cpu()
-        sink.expect(nbytes)
-        writer.write_record(f"data/{key}", storage, nbytes)
+        alignment = str(_get_storage_alignment())
+        for name, value in (
+            (".format_version", "1"),
+            (".storage_alignment", alignment),
+            ("byteorder", sys.byteorder),
+        ):
+            writer.write_record(name, value, len(value))
+            sink.raise_if_failed()
+
+        spans: list[StorageSpan] = []
+        for key, storage in serialized.items():
+            nbytes = storage.nbytes()
+            if storage.device.type != "cpu":
+                storage = storage.cpu()
+            sink.expect(nbytes)
+            writer.write_record(f"data/{key}", storage, nbytes)
+            sink.raise_if_failed()
+            offset, crc = sink.take(nbytes)
+            spans.append(StorageSpan(offset, nbytes, crc, key, dtype_name(storage_dtypes[key])))
+
+        writer.write_end_of_file()
         sink.raise_if_failed()
-        offset, crc = sink.take(nbytes)
-        spans.append(StorageSpan(offset, nbytes, crc, key, dtype_name(storage_dtypes[key])))
-
-    writer.write_end_of_file()
-    sink.raise_if_failed()
-    sink.flush()
+        sink.flush()
+    except BaseException:
+        # Destroy torch's writer here: it finalizes the archive then, into the failed sink
+        # (dropped), not later into ``out`` (an aborted upload, a closed file). Left to the
+        # traceback, which keeps this frame, it would also keep the sink alive through C++
+        # (invisible to the GC), and with it the state dict if ``out`` keeps the error.
+        sink.failed = True
+        del writer
+        raise
 
     tensors: list[TensorSpec] = []
     for path, t in iter_tensors(obj):

@@ -2,9 +2,9 @@
 
 Layout of a checkpoint at ``<path>``::
 
-    <path>/checkpoint_<rank>.pt        one torch.save-format object per rank
-    <path>/.cloudckpt/rank_<rank>.json  that rank's byte map, written before the barrier
-    <path>/cloudckpt.manifest.json      the commit: every rank's object, size, checksums
+    <path>/checkpoint_<rank>.pt                  one torch.save-format object per rank
+    <path>/.cloudckpt/<save_id>/rank_<rank>.json  that rank's byte map, before the barrier
+    <path>/cloudckpt.manifest.json                the commit: every rank's object, checksums
 
 A path without ``cloudckpt.manifest.json`` is not a (committed) checkpoint.
 """
@@ -30,10 +30,6 @@ FORMAT_VERSION = 1
 def rank_object_name(rank: int) -> str:
     """The per-rank object name, identical to upstream's local layout."""
     return f"checkpoint_{rank}.pt"
-
-
-def rank_record_name(rank: int) -> str:
-    return f"{RANK_RECORD_DIR}/rank_{rank}.json"
 
 
 @dataclass(frozen=True)

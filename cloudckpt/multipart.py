@@ -123,9 +123,16 @@ class PartPlan:
     def capacity_bytes(self, parts: int | None = None) -> int:
         """Bytes that the first ``parts`` parts (default: all allowed parts) hold together."""
         n = self.max_parts if parts is None else parts
-        total = 0
-        for number in range(1, n + 1):
-            total += self.part_size(number)
+        total = min(n, self.uniform_parts) * self.base_part_size_bytes
+        number = self.uniform_parts + 1
+        while number <= n:  # one step per group of equally sized parts
+            beyond = number - self.uniform_parts
+            group_last = self.uniform_parts + ((beyond - 1) // GROWTH_EVERY_PARTS + 1) * (
+                GROWTH_EVERY_PARTS
+            )
+            last = min(n, group_last)
+            total += (last - number + 1) * self.part_size(number)
+            number = last + 1
         return total
 
 

@@ -6,10 +6,14 @@ Lifecycle of one ``write(path, state_dict)`` (every rank runs it; rank 0 also co
        then the old manifest is deleted first, so a crash leaves no stale commit behind)
     2. every rank: stream ``checkpoint_<rank>.pt`` (torch.save format) into an upload;
        any failure aborts the upload: nothing appears at the key
-    3. every rank: write ``.cloudckpt/rank_<rank>.json`` (its byte map and checksums)
-    4. every rank: commit hook ``pre_commit``, then the barrier (all ranks' objects durable)
+    3. every rank: write ``.cloudckpt/<save_id>/rank_<rank>.json`` (byte map, checksums), or
+       ``failed_<rank>.json`` if steps 1-3 failed; multi-rank saves then wait until every
+       rank succeeded, raising within ``commit_timeout_secs`` if one failed or vanished
+       (see ``cloudckpt.barriers``)
+    4. every rank: commit hook ``pre_commit``, then the configured barrier, if any
     5. rank 0: read every rank record, check each object's size, write the manifest last,
-       conditionally (If-None-Match / ifGenerationMatch=0) unless overwrite: the commit
+       conditionally (If-None-Match / ifGenerationMatch=0) unless overwrite: the commit.
+       The other ranks wait for the manifest (or rank 0's failure record)
     6. every rank: commit hook ``post_commit``
 """
 
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 
 from ._upstream import STATE_DICT, Barrier, RankInfo, UpstreamCheckpointWriter, WriterHook
+from .barriers import StoreRendezvous, agree_run_id, rank_record_url
 from .config import CheckpointWriterConfig, StorageConfig
 from .errors import CommitConflictError, CorruptCheckpointError, NotFoundError, SaveFailedError
 from .format import estimate_size_bytes, serialize
@@ -34,7 +39,6 @@ from .manifest import (
     parse_rank_record,
     rank_entry_to_dict,
     rank_object_name,
-    rank_record_name,
 )
 from .storage import Storage, UploadMetrics, get_storage, join_url, normalize_url, split_url
 
@@ -98,6 +102,7 @@ class CheckpointWriter(UpstreamCheckpointWriter):
         commit_hook: WriterHook | None = None,
         *,
         storage_config: StorageConfig | None = None,
+        run_id: str | None = None,
     ) -> None:
         config = config or CheckpointWriterConfig()
         super().__init__(
@@ -110,6 +115,8 @@ class CheckpointWriter(UpstreamCheckpointWriter):
         self._storage_config = storage_config or StorageConfig()
         self._storages: dict[str, Storage] = {}
         self.last_metrics: SaveMetrics | None = None
+        self._run_id = run_id or agree_run_id(self._rank_info)
+        self._save_seq = 0
 
     def storage(self, url: str) -> Storage:
         """The (cached) backend for ``url``'s scheme."""
@@ -121,24 +128,41 @@ class CheckpointWriter(UpstreamCheckpointWriter):
     def write(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
         url = normalize_url(path)
         rank = self._rank_info.global_rank
+        save_id = str(kwargs.pop("save_id", None) or self._next_save_id())
         storage = self.storage(url)
         started = time.perf_counter()
         manifest_url = join_url(url, MANIFEST_NAME)
-        if self._config.overwrite:
-            storage.delete([manifest_url])
-        elif storage.exists(manifest_url):
-            raise CommitConflictError(
-                f"a committed checkpoint already exists at {url}",
-                url=url,
-                rank=rank,
-                hint="save to a new path (e.g. per step) or set "
-                "CheckpointWriterConfig(overwrite=True)",
-            )
-
-        entry, metrics = self._upload_rank_object(storage, url, state_dict)
-        storage.put_bytes(
-            join_url(url, rank_record_name(rank)), json.dumps(rank_entry_to_dict(entry)).encode()
+        rendezvous = StoreRendezvous(
+            storage,
+            url,
+            save_id,
+            self._rank_info,
+            timeout_secs=self._config.commit_timeout_secs,
+            poll_interval_secs=self._config.poll_interval_secs,
         )
+        multi_rank = self._rank_info.global_world_size > 1
+        try:
+            if self._config.overwrite:
+                storage.delete([manifest_url])
+            elif storage.exists(manifest_url):
+                raise CommitConflictError(
+                    f"a committed checkpoint already exists at {url}",
+                    url=url,
+                    rank=rank,
+                    hint="save to a new path (e.g. per step) or set "
+                    "CheckpointWriterConfig(overwrite=True)",
+                )
+            entry, metrics = self._upload_rank_object(storage, url, state_dict)
+            storage.put_bytes(
+                rank_record_url(url, save_id, rank),
+                json.dumps(rank_entry_to_dict(entry)).encode(),
+            )
+        except BaseException as e:
+            if multi_rank:
+                rendezvous.report_failure(e)
+            raise
+        if multi_rank:
+            rendezvous.wait_all_ranks()
 
         if self._commit_hook is not None:
             self._commit_hook.pre_commit(url, **kwargs)
@@ -146,7 +170,14 @@ class CheckpointWriter(UpstreamCheckpointWriter):
             logger.debug("rank %d waiting at the commit barrier for %s", rank, url)
             self._barrier.execute_barrier()
         if rank == 0:
-            self._commit(storage, url, entry, kwargs.get("metadata"))
+            try:
+                self._commit(storage, url, save_id, entry, kwargs.get("metadata"))
+            except BaseException as e:
+                if multi_rank:
+                    rendezvous.report_commit_failure(e)
+                raise
+        else:
+            rendezvous.wait_commit(manifest_url)
         metrics.committed = True
         metrics.total_secs = time.perf_counter() - started
         self.last_metrics = metrics
@@ -161,6 +192,10 @@ class CheckpointWriter(UpstreamCheckpointWriter):
             metrics.mib_per_sec,
             metrics.retries,
         )
+
+    def _next_save_id(self) -> str:
+        self._save_seq += 1
+        return f"{self._run_id}-{self._save_seq}"
 
     def _upload_rank_object(
         self, storage: Storage, url: str, state_dict: STATE_DICT
@@ -186,13 +221,18 @@ class CheckpointWriter(UpstreamCheckpointWriter):
         return RankEntry(rank, name, info.version, layout), metrics
 
     def _commit(
-        self, storage: Storage, url: str, own: RankEntry, metadata: dict[str, Any] | None
+        self,
+        storage: Storage,
+        url: str,
+        save_id: str,
+        own: RankEntry,
+        metadata: dict[str, Any] | None,
     ) -> None:
         """Rank 0: check every rank's object and write the manifest (the commit)."""
         world = self._rank_info.global_world_size
         entries = [own]
         for r in range(1, world):
-            record_url = join_url(url, rank_record_name(r))
+            record_url = rank_record_url(url, save_id, r)
             try:
                 entry = parse_rank_record(storage.get_bytes(record_url), url=record_url)
                 info = storage.head(join_url(url, entry.object_name))

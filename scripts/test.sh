@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # cloudckpt's one test command: CI (.ci/run) and README run exactly this.
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -m "not seaweedfs" -x
-# The default selection (pyproject addopts) skips the slow and bench tiers.
+# or  bash scripts/test.sh tests/unit . Without paths pytest runs testpaths (tests/), and the
+# default selection (pyproject addopts) skips the slow and bench tiers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
 
 status=0
-python -m pytest tests -q -p no:cacheprovider "$@" || status=$?
+python -m pytest -q -p no:cacheprovider "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "scripts/test.sh: pytest collected no tests; treating that as a failure" >&2
     exit 1

@@ -609,9 +609,8 @@ class GCSStorage(Storage):
         return f"{self._client().base_url}/upload/storage/v1/b/{quote(bucket, safe='')}/o"
 
     def _not_found(self, e: NotFoundError, url: str, bucket: str) -> NotFoundError:
-        """Tell a missing bucket from a missing object (fake-gcs-server's 404s look alike)."""
-        if "No such object" in e.message:
-            return NotFoundError(f"no object at {url}", url=url)
+        """Tell a missing bucket from a missing object by looking the bucket up (by status, not
+        by message text: fake-gcs-server's 404 bodies are all alike)."""
         client = self._client()
         endpoint = f"{client.base_url}/storage/v1/b/{quote(bucket, safe='')}"
         try:

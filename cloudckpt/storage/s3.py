@@ -15,6 +15,8 @@ arguments) and ``client_kwargs`` (``boto3.client`` arguments, e.g. ``endpoint_ur
 from __future__ import annotations
 
 import base64
+import builtins
+import functools
 import hashlib
 import http.client
 import io
@@ -29,6 +31,8 @@ from typing import Any, TypeVar
 import boto3
 import botocore
 import botocore.exceptions
+import botocore.loaders
+import botocore.session
 import urllib3.exceptions
 from botocore.config import Config
 
@@ -154,7 +158,7 @@ _HINTS: dict[type[StorageError], str] = {
     CommitConflictError: "an object exists at this URL already; delete it or allow overwrite",
     ThrottledError: "the store is throttling; lower max_concurrency or spread the load",
     TransientStorageError: "network or server trouble; check endpoint_url and the store's health",
-    StorageError: "see the cause below",
+    StorageError: "see the chained exception for the store's answer",
 }
 
 _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -290,8 +294,9 @@ def _decode_crc32c(value: str | None) -> int | None:
     return int.from_bytes(base64.b64decode(value), "big")
 
 
-def _crc32c_b64(data: bytes | bytearray | memoryview) -> str:
-    return base64.b64encode(crc32c_of(data).to_bytes(4, "big")).decode("ascii")
+def _b64_crc32c(crc: int) -> str:
+    """The ``x-amz-checksum-crc32c`` form of a CRC32C: base64 of its 4 big-endian bytes."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
 
 
 def make_client_kwargs(options: Mapping[str, Any], config: StorageConfig) -> dict[str, Any]:
@@ -321,7 +326,9 @@ def make_client_kwargs(options: Mapping[str, Any], config: StorageConfig) -> dic
     concurrency = max(config.upload.max_concurrency, config.download.max_concurrency)
     config_kwargs: dict[str, Any] = {
         "max_pool_connections": max(10, 2 * concurrency),
-        "retries": {"max_attempts": 1, "mode": "standard"},  # our RetryPolicy retries
+        # One attempt per call: our RetryPolicy retries. (botocore's "max_attempts" counts
+        # retries, not attempts: {"max_attempts": 1} would still retry once.)
+        "retries": {"total_max_attempts": 1, "mode": "standard"},
         "connect_timeout": timeout,
         "read_timeout": timeout,
         # We send our own CRC32C per part; no aws-chunked trailers or response validation.
@@ -335,6 +342,24 @@ def make_client_kwargs(options: Mapping[str, Any], config: StorageConfig) -> dic
     config_kwargs.update(options.get("config_kwargs") or {})
     client_kwargs["config"] = Config(**config_kwargs)
     return client_kwargs
+
+
+_loader_lock = threading.Lock()
+_shared_loader: botocore.loaders.Loader | None = None
+
+
+def _make_client(profile: str | None, client_kwargs: dict[str, Any]) -> Any:
+    """A new S3 client in its own session (own credentials), sharing one model loader: loading
+    the S3 service model is most of the cost of a fresh session's first client."""
+    global _shared_loader
+    with _loader_lock:
+        if _shared_loader is None:
+            _shared_loader = botocore.loaders.create_loader()
+        loader = _shared_loader
+    core = botocore.session.get_session()
+    core.register_component("data_loader", loader)
+    session = boto3.session.Session(botocore_session=core, profile_name=profile)
+    return session.client("s3", **client_kwargs)
 
 
 class _ViewReader(io.RawIOBase):
@@ -384,7 +409,10 @@ class _ViewReader(io.RawIOBase):
 
 
 class S3Storage(Storage):
-    """Amazon S3 and S3-compatible stores (MinIO, SeaweedFS, moto, ...) through boto3."""
+    """Amazon S3 and S3-compatible stores (MinIO, SeaweedFS, moto, ...) through boto3.
+
+    (Annotations say ``builtins.list``: inside this class ``list`` is the method.)
+    """
 
     schemes = ("s3", "s3a")
 
@@ -392,8 +420,7 @@ class S3Storage(Storage):
         super().__init__(config)
         options = dict(config.storage_options)
         client_kwargs = make_client_kwargs(options, config)
-        session = boto3.session.Session(profile_name=options.get("profile"))
-        self._client = session.client("s3", **client_kwargs)
+        self._client = _make_client(options.get("profile"), client_kwargs)
         self._retry = RetryPolicy(config.retry)
         self._endpoint = client_kwargs.get("endpoint_url") or "AWS"
         self._checksums = config.upload.send_checksums
@@ -433,10 +460,9 @@ class S3Storage(Storage):
     # --- writes ---------------------------------------------------------------------------
     def open_upload(self, url: str, *, size_hint_bytes: int | None = None) -> S3Upload:
         _, bucket, key = _split_s3_url(url)
-        if size_hint_bytes is not None and size_hint_bytes < 0:
-            raise ValueError(f"size_hint_bytes must be >= 0, got {size_hint_bytes}")
+        upload = S3Upload(self, url, bucket, key, size_hint_bytes=size_hint_bytes)  # validates
         self.check_bucket(url)
-        return S3Upload(self, url, bucket, key, size_hint_bytes=size_hint_bytes)
+        return upload
 
     def check_bucket(self, url: str) -> None:
         """BucketNotFoundError / PermissionDeniedError unless the URL's bucket is usable.
@@ -455,8 +481,9 @@ class S3Storage(Storage):
             raise TypeError(f"data must be bytes-like, got {type(data).__name__}")
         view = as_byte_view(data)
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "ContentLength": len(view)}
-        if self._checksums:
-            kwargs["ChecksumCRC32C"] = _crc32c_b64(view)
+        crc = crc32c_of(view) if self._checksums else None
+        if crc is not None:
+            kwargs["ChecksumCRC32C"] = _b64_crc32c(crc)
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
         attempts = 0
@@ -474,14 +501,20 @@ class S3Storage(Storage):
             if attempts > 1 and self._is_our_object(url, view):
                 return self.head(url)
             raise
-        return ObjectInfo(url=url, size_bytes=len(view), version=_strip_etag(resp.get("ETag")))
+        # A CRC32C we sent was checked by the store: it is the stored object's.
+        return ObjectInfo(
+            url=url, size_bytes=len(view), version=_strip_etag(resp.get("ETag")), crc32c=crc
+        )
 
     def _is_our_object(self, url: str, view: memoryview) -> bool:
         try:
             info = self.head(url)
         except NotFoundError:
             return False
-        return info.size_bytes == len(view) and info.version == hashlib.md5(view).hexdigest()
+        return (
+            info.size_bytes == len(view)
+            and info.version == hashlib.md5(view, usedforsecurity=False).hexdigest()
+        )
 
     # --- reads ----------------------------------------------------------------------------
     def head(self, url: str) -> ObjectInfo:
@@ -581,17 +614,17 @@ class S3Storage(Storage):
         self.call(read, url=url, what=what, precondition=ObjectChangedError)
 
     # --- namespace ------------------------------------------------------------------------
-    def list(self, prefix_url: str) -> list[ObjectInfo]:
+    def list(self, prefix_url: str) -> builtins.list[ObjectInfo]:
         scheme, bucket, key = _split_s3_url(prefix_url, need_key=False)
         prefix = _dir_prefix(key)
-        out: list[ObjectInfo] = []
+        out: builtins.list[ObjectInfo] = []
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
             if token:
                 kwargs["ContinuationToken"] = token
             page = self.call(
-                lambda kw=kwargs: self._client.list_objects_v2(**kw),
+                functools.partial(self._client.list_objects_v2, **kwargs),
                 url=prefix_url,
                 what="list objects",
                 not_found=BucketNotFoundError,
@@ -612,7 +645,7 @@ class S3Storage(Storage):
         return sorted(out, key=lambda info: info.url)
 
     def delete(self, urls: Iterable[str]) -> None:
-        by_bucket: dict[str, list[str]] = {}
+        by_bucket: dict[str, builtins.list[str]] = {}
         for url in urls:
             _, bucket, key = _split_s3_url(url)
             by_bucket.setdefault(bucket, []).append(key)
@@ -620,7 +653,7 @@ class S3Storage(Storage):
             for i in range(0, len(keys), DELETE_BATCH_KEYS):
                 self._delete_batch(bucket, keys[i : i + DELETE_BATCH_KEYS])
 
-    def _delete_batch(self, bucket: str, keys: list[str]) -> None:
+    def _delete_batch(self, bucket: str, keys: builtins.list[str]) -> None:
         where = f"s3://{bucket}/{keys[0]}" if len(keys) == 1 else f"s3://{bucket}"
         resp = self.call(
             lambda: self._client.delete_objects(
@@ -644,15 +677,15 @@ class S3Storage(Storage):
             )
 
     # --- unfinished uploads -----------------------------------------------------------------
-    def list_pending_uploads(self, prefix_url: str) -> list[PendingUpload]:
+    def list_pending_uploads(self, prefix_url: str) -> builtins.list[PendingUpload]:
         scheme, bucket, key = _split_s3_url(prefix_url, need_key=False)
         prefix = _dir_prefix(key)
-        out: list[PendingUpload] = []
+        out: builtins.list[PendingUpload] = []
         markers: dict[str, str] = {}
         while True:
             kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, **markers}
             page = self.call(
-                lambda kw=kwargs: self._client.list_multipart_uploads(**kw),
+                functools.partial(self._client.list_multipart_uploads, **kwargs),
                 url=prefix_url,
                 what="list multipart uploads",
                 not_found=BucketNotFoundError,
@@ -886,7 +919,7 @@ class S3Upload(Upload):
             "ContentLength": len(view),
         }
         if self._checksums:
-            kwargs["ChecksumCRC32C"] = _crc32c_b64(view)
+            kwargs["ChecksumCRC32C"] = _b64_crc32c(crc32c_of(view))
         resp = self._storage.call(
             lambda: self._client.upload_part(Body=_ViewReader(view), **kwargs),
             url=self.url,
@@ -908,8 +941,9 @@ class S3Upload(Upload):
         self._uploader.cancel()  # nothing in flight; frees the pool
         self._record_uploader_stats()
         kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key, "ContentLength": size}
-        if self._checksums:
-            kwargs["ChecksumCRC32C"] = _crc32c_b64(data)
+        crc = crc32c_of(data) if self._checksums else None
+        if crc is not None:
+            kwargs["ChecksumCRC32C"] = _b64_crc32c(crc)
         resp = self._storage.call(
             lambda: self._client.put_object(Body=_ViewReader(data), **kwargs),
             url=self.url,
@@ -919,7 +953,9 @@ class S3Upload(Upload):
         )
         self.metrics.bytes_sent += size
         self.metrics.notes["single_put"] = 1.0
-        return ObjectInfo(url=self.url, size_bytes=size, version=_strip_etag(resp.get("ETag")))
+        return ObjectInfo(
+            url=self.url, size_bytes=size, version=_strip_etag(resp.get("ETag")), crc32c=crc
+        )
 
     def _complete_multipart(self) -> ObjectInfo:
         parts = [token for _, token in self._uploader.finish()]

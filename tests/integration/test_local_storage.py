@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,6 +227,22 @@ def test_permission_denied(storage: LocalStorage, tmp_path: Path) -> None:
     assert isinstance(excinfo.value, PermissionError)
     with pytest.raises(PermissionDeniedError):
         storage.put_bytes(str(locked / "obj"), b"x")
+
+
+def test_eacces_is_permission_denied(
+    storage: LocalStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The translation itself, also when running as root (where chmod cannot deny access)."""
+
+    def denied(*args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", args[0])
+
+    with monkeypatch.context() as m:
+        m.setattr("cloudckpt.storage.local.os.open", denied)
+        with pytest.raises(PermissionDeniedError) as excinfo:
+            storage.open_upload(str(tmp_path / "obj"))
+    assert isinstance(excinfo.value, PermissionError)
+    assert isinstance(excinfo.value.__cause__, PermissionError)
 
 
 def test_rejects_foreign_urls(storage: LocalStorage) -> None:

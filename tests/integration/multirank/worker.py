@@ -1,0 +1,115 @@
+"""One rank of a multi-rank save/load, launched by torchrun from tests/integration/test_multirank.py.
+
+Configuration comes from a JSON file named by argv[1]; each rank writes
+``<result_dir>/rank_<r>.json`` with what happened (ok, error type and message, seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def make_state(rank: int) -> dict[str, Any]:
+    """A deterministic per-rank state dict (shared with the test for the expected values)."""
+    g = torch.Generator().manual_seed(1000 + rank)
+    return {
+        "model": {
+            "weight": torch.randn(512, 256, generator=g),
+            "bias": torch.randn(256, generator=g).to(torch.bfloat16),
+        },
+        "optim": {"step": 10 + rank, "exp_avg": torch.randn(512, 256, generator=g)},
+        "rank": rank,
+    }
+
+
+class _Unpicklable:
+    def __reduce__(self) -> Any:
+        raise RuntimeError("injected serialization failure")
+
+
+def die_midway_through_the_upload() -> None:
+    """Writer-subprocess initializer: SIGKILL this process once 256 KiB of its object are sent."""
+    import signal
+
+    import cloudckpt.writer
+
+    real = cloudckpt.writer.serialize
+
+    def serialize(obj: Any, out: Any, **kw: Any) -> Any:
+        class Tripwire:
+            def write(self, data: memoryview) -> None:
+                if out.bytes_written > 256 * 1024:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                out.write(data)
+
+        return real(obj, Tripwire(), **kw)
+
+    cloudckpt.writer.serialize = serialize
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        cfg = json.load(f)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    import cloudckpt
+    from cloudckpt import CheckpointerConfig, CheckpointWriterConfig, RetryConfig
+
+    options = dict(cfg["storage_options"])
+    options.update(cfg.get("rank_storage_options", {}).get(str(rank), {}))
+    config = CheckpointerConfig(
+        storage_options=options,
+        writer_config=CheckpointWriterConfig(
+            commit_timeout_secs=cfg["commit_timeout_secs"], poll_interval_secs=0.1
+        ),
+        retry_config=RetryConfig(
+            max_attempts=cfg.get("max_attempts", 8), initial_backoff_secs=0.02, max_backoff_secs=0.2
+        ),
+    )
+    if cfg["mode"] == "async":
+        init = die_midway_through_the_upload if cfg.get("kill_writer_rank") == rank else None
+        ckpt = cloudckpt.make_async_checkpointer(
+            config, **({"subprocess_init_fn": init} if init else {})
+        )
+    else:
+        ckpt = cloudckpt.make_sync_checkpointer(config)
+    state = make_state(rank)
+    if cfg.get("fail_rank") == rank:
+        state["poison"] = _Unpicklable()
+    result: dict[str, Any] = {"rank": rank, "world": world}
+    started = time.monotonic()
+    try:
+        if cfg["mode"] == "async":
+            stage, write = ckpt.save(cfg["path"], state)
+            stage.result()
+            write.result()
+        else:
+            ckpt.save(cfg["path"], state)
+        result["saved"] = True
+        loaded = ckpt.load(cfg["path"])
+        expected = make_state(rank)
+        result["load_equal"] = all(
+            torch.equal(loaded[k][n].view(torch.uint8) if loaded[k][n].dtype == torch.bfloat16 else loaded[k][n],
+                        expected[k][n].view(torch.uint8) if expected[k][n].dtype == torch.bfloat16 else expected[k][n])
+            for k in ("model", "optim") for n in expected[k] if isinstance(expected[k][n], torch.Tensor)
+        ) and loaded["rank"] == rank and loaded["optim"]["step"] == 10 + rank
+    except Exception as e:
+        result["saved"] = False
+        result["error_type"] = type(e).__name__
+        result["error"] = str(e)
+    result["seconds"] = time.monotonic() - started
+    with open(os.path.join(cfg["result_dir"], f"rank_{rank}.json"), "w") as f:
+        json.dump(result, f)
+    ckpt.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
