@@ -16,8 +16,8 @@ from ._upstream import (
 )
 from .barriers import agree_run_id
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
-from .process import CheckpointProcess
 from .config import CheckpointerConfig, CheckpointWriterConfig, StorageConfig
+from .process import CheckpointProcess
 from .reader import CheckpointReader
 from .staging import CloudStager
 from .writer import CheckpointWriter

@@ -65,6 +65,8 @@ def plan_reads(reads: Sequence[RangeRead], config: DownloadConfig) -> list[ReadG
         for start in range(0, n, config.range_size_bytes):
             stop = min(n, start + config.range_size_bytes)
             pieces.append(RangeRead(r.offset + start, r.dest[start:stop]))
+    # Pieces of a split read can pass a later read that overlaps it: re-sort (stable).
+    pieces.sort(key=lambda p: p.offset)
 
     groups: list[ReadGroup] = []
     cur_offset = -1
@@ -118,7 +120,7 @@ def fetch(
             pool.submit(storage.read_into_many, url, g.offset, list(g.targets), version=version)
             for g in groups
         ]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for f in pending:
             f.cancel()
         for f in futures:

@@ -31,7 +31,7 @@ from .errors import (
     StateDictMismatchError,
 )
 from .fetch import RangeRead, fetch, tensor_memoryview
-from .format import PICKLE_RECORD, RankLayout, StorageSpan, dtype_from_name
+from .format import PICKLE_RECORD, RankLayout, StorageSpan
 from .manifest import MANIFEST_NAME, Manifest, RankEntry, rank_object_name
 from .storage import Storage, get_storage, join_url, normalize_url, split_url
 
@@ -375,13 +375,13 @@ class _PartialRead:
                 else:
                     self.missing.append(path)
             return target
-        if isinstance(source, list):
+        if isinstance(source, list | tuple):
             if target is None:
                 target = [None] * len(source)
             out = []
             for i, (t, s) in enumerate(zip_longest(target, source, fillvalue=None)):
                 out.append(self._walk(t, s, f"{key_path}[{i}]" if key_path else f"[{i}]", ph))
-            return out
+            return tuple(out) if isinstance(source, tuple) else out
         return source
 
     def _fill(self, obj: Any, ph: dict[int, Any], fetched: dict[str, torch.UntypedStorage]) -> Any:
@@ -404,8 +404,8 @@ class _PartialRead:
             for k in list(obj.keys()):
                 obj[k] = self._fill(obj[k], ph, fetched)
             return obj
-        if isinstance(obj, list):
-            return [self._fill(v, ph, fetched) for v in obj]
+        if isinstance(obj, list | tuple):
+            return type(obj)(self._fill(v, ph, fetched) for v in obj)
         return obj
 
 

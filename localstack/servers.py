@@ -40,7 +40,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -225,8 +224,9 @@ def terminate_process(
     return proc.returncode
 
 
-# Every started server, so that interpreter exit stops the ones nobody stopped.
-_LIVE_SERVERS: weakref.WeakSet[LocalServer] = weakref.WeakSet()
+# Every started server (strong references: a server nobody holds must still be stopped), so
+# that interpreter exit stops the ones nobody stopped.
+_LIVE_SERVERS: set[LocalServer] = set()
 
 
 @atexit.register

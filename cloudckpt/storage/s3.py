@@ -566,13 +566,30 @@ class S3Storage(Storage):
     def read_into(
         self, url: str, offset: int, buf: memoryview, *, version: str | None = None
     ) -> None:
+        self.read_into_many(url, offset, [buf], version=version)
+
+    def read_into_many(
+        self,
+        url: str,
+        offset: int,
+        targets: builtins.list[memoryview | int],
+        *,
+        version: str | None = None,
+    ) -> None:
+        """One ranged GET streamed straight into ``targets`` (gaps are read and dropped)."""
         _, bucket, key = _split_s3_url(url)
-        view = as_byte_view(buf)
-        if view.readonly:
-            raise TypeError("read_into needs a writable buffer")
+        views: builtins.list[memoryview | int] = []
+        for t in targets:
+            if isinstance(t, int):
+                views.append(t)
+                continue
+            view = as_byte_view(t)
+            if view.readonly:
+                raise TypeError("read_into needs a writable buffer")
+            views.append(view)
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
-        size = len(view)
+        size = sum(v if isinstance(v, int) else len(v) for v in views)
         if size == 0:
             return
         end = offset + size  # exclusive
@@ -598,16 +615,37 @@ class S3Storage(Storage):
                         hint="the object is truncated or the range is wrong",
                     )
                 raw = body._raw_stream  # urllib3 response: readinto without a full-size copy
-                pos = 0
-                while pos < size:
-                    got = raw.readinto(view[pos : min(size, pos + READ_SLICE_BYTES)])
-                    if not got:
-                        raise TransientStorageError(
-                            f"{what} of {url}: the body ended after {pos} of {size} bytes",
-                            url=url,
-                            hint="the connection was cut; the read is retried",
-                        )
-                    pos += got
+                done = 0
+                scratch: memoryview | None = None
+                for target in views:
+                    if isinstance(target, int):
+                        if scratch is None:
+                            scratch = memoryview(bytearray(min(target, READ_SLICE_BYTES)))
+                        remaining = target
+                        while remaining:
+                            got = raw.readinto(scratch[: min(remaining, len(scratch))])
+                            if not got:
+                                break
+                            remaining -= got
+                            done += got
+                        if remaining:
+                            break
+                        continue
+                    pos, n = 0, len(target)
+                    while pos < n:
+                        got = raw.readinto(target[pos : min(n, pos + READ_SLICE_BYTES)])
+                        if not got:
+                            break
+                        pos += got
+                    done += pos
+                    if pos < n:
+                        break
+                if done < size:
+                    raise TransientStorageError(
+                        f"{what} of {url}: the body ended after {done} of {size} bytes",
+                        url=url,
+                        hint="the connection was cut; the read is retried",
+                    )
             finally:
                 body.close()
 

@@ -11,8 +11,6 @@ import torch
 
 from cloudckpt import config as config_module
 from cloudckpt.config import (
-    GiB,
-    MiB,
     S3_MAX_PART_SIZE_BYTES,
     S3_MAX_UPLOAD_PARTS,
     S3_MIN_PART_SIZE_BYTES,
@@ -20,6 +18,8 @@ from cloudckpt.config import (
     CheckpointReaderConfig,
     CheckpointWriterConfig,
     DownloadConfig,
+    GiB,
+    MiB,
     RetryConfig,
     StorageConfig,
     UploadConfig,
@@ -40,8 +40,8 @@ CONFIG_CLASSES = [
 def test_units_and_s3_limits() -> None:
     assert MiB == 1024 * 1024
     assert GiB == 1024 * MiB
-    assert S3_MIN_PART_SIZE_BYTES == 5 * MiB
-    assert S3_MAX_PART_SIZE_BYTES == 5 * GiB
+    assert 5 * MiB == S3_MIN_PART_SIZE_BYTES
+    assert 5 * GiB == S3_MAX_PART_SIZE_BYTES
     assert S3_MAX_UPLOAD_PARTS == 10_000
 
 

@@ -520,7 +520,7 @@ def test_pickling_failure_writes_nothing() -> None:
     assert refused.writes == []
 
 
-def test_the_interpreter_survives_a_failure_at_every_write(tmp_path: Any) -> None:
+def test_the_interpreter_survives_a_failure_at_every_write() -> None:
     """An exception reaching torch's C++ zip writer aborts the process: fail every single
     write, with OSError and KeyboardInterrupt, in a child interpreter and check it lives on."""
     script = textwrap.dedent(

@@ -112,7 +112,12 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
 class Flaky:
     """Fails with ``errors`` in turn, then returns ``result``."""
 
-    def __init__(self, errors: list[BaseException], result: Any = "ok", step: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        errors: list[BaseException],
+        result: Any = "ok",
+        step: Callable[[], None] | None = None,
+    ) -> None:
         self.errors = list(errors)
         self.result = result
         self.calls = 0
@@ -210,9 +215,7 @@ def test_exhaustion_raises_retries_exhausted(max_attempts: int) -> None:
     errors = [TransientStorageError(f"503 #{i}", url=URL) for i in range(max_attempts)]
     fn = Flaky(list(errors))
     with pytest.raises(RetriesExhaustedError) as excinfo:
-        policy(sleep, max_attempts=max_attempts).call(
-            fn, url=URL, what="upload part 7", rank=3
-        )
+        policy(sleep, max_attempts=max_attempts).call(fn, url=URL, what="upload part 7", rank=3)
     err = excinfo.value
     assert err.attempts == max_attempts
     assert fn.calls == max_attempts
