@@ -682,7 +682,7 @@ class SeaweedServer(S3Server, ProcessServer):
     """
 
     name = "seaweedfs"
-    _PORT_NAMES = (
+    _PORT_NAMES: ClassVar[tuple[str, ...]] = (
         "s3.port",
         "s3.port.grpc",
         "master.port",
@@ -747,12 +747,12 @@ class SeaweedServer(S3Server, ProcessServer):
         for attempt in range(1, self._START_ATTEMPTS + 1):
             for d in (sockets, tmp, self._data_dir / "data"):
                 shutil.rmtree(d, ignore_errors=True)
-                d.mkdir()
+                d.mkdir(parents=True)
             names = self._PORT_NAMES
             if self._requested_port is not None:
                 _require_free({"s3": self._requested_port}, self.name)
                 names = names[1:]
-            # gRPC ports default to http port + 10000: keep every port below 55536 for clarity.
+            # Any port weed derives itself is http port + 10000: keep those below 65536 too.
             free = dict(zip(names, find_free_ports(len(names), max_port=55535), strict=True))
             if self._requested_port is not None:
                 free = {"s3.port": self._requested_port, **free}

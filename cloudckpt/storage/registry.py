@@ -28,26 +28,33 @@ def split_url(url: str) -> tuple[str, str]:
     url = os.fspath(url)
     if not url:
         raise UnsupportedURLError("empty checkpoint path", hint="pass s3://bucket/prefix or a dir")
-    parts = urlsplit(url)
-    if len(parts.scheme) <= 1:  # no scheme, or a Windows drive letter
+    if "://" not in url:  # a local path, even with a colon in a name ("my:dir")
         return "file", os.path.abspath(url)
-    scheme = parts.scheme.lower()
-    return scheme, url[len(parts.scheme) + 3 :] if url[len(parts.scheme) :].startswith("://") else url
+    scheme = urlsplit(url).scheme.lower()
+    if not scheme or not url.lower().startswith(f"{scheme}://"):
+        raise UnsupportedURLError(
+            f"malformed URL {url!r}", url=url, hint="write it as scheme://bucket/prefix"
+        )
+    rest = url[len(scheme) + 3 :]
+    if scheme == "file":
+        return "file", os.path.abspath(rest)
+    return scheme, rest
 
 
 def normalize_url(url: str) -> str:
     """Canonical form: ``scheme://rest`` without trailing slash; local paths become absolute."""
     scheme, rest = split_url(url)
     if scheme == "file":
-        return os.path.abspath(rest)
+        return rest
     return f"{scheme}://{rest.rstrip('/')}"
 
 
 def join_url(base: str, *names: str) -> str:
-    """Join path components with ``/`` (object stores) or the OS separator (local paths)."""
+    """Join path components with ``/`` (URLs and POSIX paths alike); empty names are skipped."""
     out = base.rstrip("/")
     for name in names:
-        out = f"{out}/{name.strip('/')}"
+        if name.strip("/"):
+            out = f"{out}/{name.strip('/')}"
     return out
 
 
@@ -68,6 +75,7 @@ def get_storage(url: str, config: StorageConfig | None = None) -> Storage:
     except KeyError:
         raise UnsupportedURLError(
             f"unsupported URL scheme {scheme!r} in {url!r}",
+            url=url,
             hint=f"use one of {sorted(set(_BACKENDS))} or a local path",
         ) from None
     try:

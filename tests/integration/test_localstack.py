@@ -181,6 +181,7 @@ def test_fake_gcs_server_lifecycle(storage: Any) -> None:
         if storage == "filesystem":
             assert server.data_dir is not None
             assert any((server.data_dir / "storage").rglob("*"))
+        assert server.data_dir is not None
         port, data_dir, pid = server.port, server.data_dir, server.pid
     finally:
         server.stop()
