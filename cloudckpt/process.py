@@ -254,15 +254,11 @@ def _write_one(
 ) -> _Response:
     """Steps 1-3 of the module docstring; never holds the state dict once it returns."""
     path = payload["path"]
-    import time as _t, sys as _s
-    _t0 = _t.perf_counter()
     fds = _recv_fds(conn, len(payload["sizes"]))
     state_dict = kwargs = None
     try:
         state_dict, kwargs = decode_write(payload["data"], fds, payload["sizes"], maps)
-        _t1 = _t.perf_counter()
         writer.write(path, state_dict, **kwargs)
-        _t2 = _t.perf_counter()
         response = _Response(True, writer.last_metrics)
     except Exception as e:
         logger.error("checkpoint write to %s failed", path, exc_info=True)
@@ -272,7 +268,6 @@ def _write_one(
         _close_fds(fds)  # mapped storages hold their own duplicates
     del state_dict, kwargs
     gc.collect()
-    print(f"child: recv+decode {_t1-_t0:.3f} write {_t2-_t1:.3f} release {_t.perf_counter()-_t2:.3f}", file=_s.stderr, flush=True)
     return response
 
 

@@ -208,8 +208,15 @@ class CheckpointReader(UpstreamCheckpointReader):
                 hint="the object is corrupt; restore an older step",
             )
 
-        def fetch_storages(keys: list[str]) -> dict[str, torch.UntypedStorage]:
-            out = {k: torch.empty(layout.storage(k).nbytes, dtype=torch.uint8) for k in keys}
+        def fetch_storages(
+            keys: list[str], into: dict[str, torch.Tensor] | None = None
+        ) -> dict[str, torch.UntypedStorage]:
+            """Fetch and verify storages; those in ``into`` land directly in that tensor."""
+            into = into or {}
+            out = {
+                k: into[k] if k in into else torch.empty(layout.storage(k).nbytes, dtype=torch.uint8)
+                for k in keys
+            }
             reads = [RangeRead(layout.storage(k).offset, tensor_memoryview(t)) for k, t in out.items()]
             self.last_bytes_fetched += fetch(
                 storage, obj_url, reads, self._storage_config.download, version=version
@@ -303,7 +310,9 @@ class _PartialRead:
         self,
         source: Any,
         layout: RankLayout,
-        fetch_storages: Callable[[list[str]], dict[str, torch.UntypedStorage]],
+        fetch_storages: Callable[
+            [list[str], dict[str, torch.Tensor]], dict[str, torch.UntypedStorage]
+        ],
         map_location: Any,
         obj_url: str,
         rank: int,
@@ -317,7 +326,7 @@ class _PartialRead:
         self._rank = rank
         self._is_meta = is_meta
         self.missing: list[str] = []
-        self._wanted: list[tuple[torch.Tensor | None, torch.Tensor, str]] = []
+        self._direct: set[int] = set()
 
     def run(self, state_dict: STATE_DICT) -> tuple[STATE_DICT, list[str]]:
         # Pass 1: walk, check types/shapes, collect the tensors wanted. Pass 2: fetch them all
@@ -326,8 +335,19 @@ class _PartialRead:
         result = self._walk(state_dict, self._source, "", placeholders)
         if self._is_meta:
             return self._fill(result, placeholders, {}), self.missing
-        keys = sorted({self._span_of(src, name).key for _, src, name in placeholders.values()})
-        fetched = self._fetch_storages(keys)
+        spans = {k: self._span_of(src, name) for k, (_, src, name) in placeholders.items()}
+        users: dict[str, int] = {}
+        for span in spans.values():
+            users[span.key] = users.get(span.key, 0) + 1
+        # A target tensor that is exactly its storage's bytes receives them directly: no
+        # intermediate buffer, no second copy.
+        into = {
+            spans[k].key: target
+            for k, (target, src, _) in placeholders.items()
+            if target is not None and users[spans[k].key] == 1 and _fills_storage(target, src, spans[k])
+        }
+        self._direct = {id(t) for t in into.values()}
+        fetched = self._fetch_storages(sorted(users), into)
         return self._fill(result, placeholders, fetched), self.missing
 
     def _span_of(self, src: torch.Tensor, name: str) -> StorageSpan:
@@ -389,6 +409,8 @@ class _PartialRead:
             target, src, name = ph[obj.key]
             if self._is_meta:
                 return torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device="meta")
+            if target is not None and id(target) in self._direct:
+                return target  # its bytes were read straight into it
             storage = fetched[self._span_of(src, name).key]
             value = torch.empty(0, dtype=src.dtype).set_(
                 storage, src.storage_offset(), src.shape, src.stride()
@@ -407,6 +429,18 @@ class _PartialRead:
         if isinstance(obj, list | tuple):
             return type(obj)(self._fill(v, ph, fetched) for v in obj)
         return obj
+
+
+def _fills_storage(target: torch.Tensor, src: torch.Tensor, span: StorageSpan) -> bool:
+    """Whether ``src`` is its whole storage, contiguous, and ``target`` plain CPU memory."""
+    return (
+        target.device.type == "cpu"
+        and target.is_contiguous()
+        and src.is_contiguous()
+        and src.storage_offset() == 0
+        and src.numel() * src.element_size() == span.nbytes
+        and type(target) in (torch.Tensor, torch.nn.Parameter)
+    )
 
 
 class _Placeholder:
