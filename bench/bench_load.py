@@ -134,8 +134,9 @@ def m_prepare(spec: Spec) -> dict[str, Any]:
     _quiet()
     sd = make_state_dict(spec.size_mib)
     out: dict[str, Any] = {"crcs": tensor_crcs(sd), "payload_bytes": tensor_bytes(sd), "errors": {}}
+    need = set(spec["need"])
     ckpt = make_sync_checkpointer(CheckpointerConfig(storage_options=spec.storage_options))
-    ckpt.save(spec.url(CLOUDCKPT_PATH), sd)
+    ckpt.save(spec.url(CLOUDCKPT_PATH), sd)  # always: the partial load reads it
     buf = io.BytesIO()
     torch.save(sd, buf)
     out["torch_object_bytes"] = buf.tell()
@@ -144,8 +145,9 @@ def m_prepare(spec: Spec) -> dict[str, Any]:
         buf, BUCKET, spec.key(TORCH_KEY),
         Config=TransferConfig(multipart_chunksize=RANGE_SIZE, max_concurrency=CONCURRENCY))
     del buf
-    dcp.save(sd, storage_writer=FsspecWriter(spec.url(DCP_FSSPEC_PATH), **spec.storage_options))
-    if spec.get("s3tc"):
+    if "dcp_fsspec" in need:
+        dcp.save(sd, storage_writer=FsspecWriter(spec.url(DCP_FSSPEC_PATH), **spec.storage_options))
+    if "s3tc_dcp" in need:
         try:
             dcp.save(sd, storage_writer=s3tc_dcp_writer(spec, spec.url(DCP_S3TC_PATH)))
         except Exception as e:  # reported and excluded by the parent
@@ -335,7 +337,7 @@ def main(argv: list[str]) -> int:
         runner = Runner("bench_load", server, profile=set(filter(None, args.profile.split(","))),
                         profile_mode=args.profile_mode, verbose=args.verbose)
         prefix = "load"
-        base = server.spec(prefix, args.size_mib, s3tc=any(t in tools for t in S3TC))
+        base = server.spec(prefix, args.size_mib, need=tools)
         prep = runner.run("prepare", base)
         if "error" in prep:
             print("prepare failed:\n" + prep["error"])

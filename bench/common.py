@@ -184,7 +184,9 @@ class _RssSampler(threading.Thread):
 
 class ThreadProfiler:
     """cProfile for the calling thread AND every thread started while it runs (plain cProfile
-    sees one thread only; the uploads and ranged reads run in pools)."""
+    sees one thread only; the uploads and ranged reads run in pools). The timer is each
+    thread's CPU time (``time.thread_time``), so the profile says where CPU goes, not where
+    threads wait."""
 
     def __init__(self) -> None:
         self._profiles: list[cProfile.Profile] = []
@@ -192,13 +194,13 @@ class ThreadProfiler:
 
     def _hook(self, frame: Any, event: str, arg: Any) -> None:
         sys.setprofile(None)
-        p = cProfile.Profile()
+        p = cProfile.Profile(time.thread_time)
         with self._lock:
             self._profiles.append(p)
         p.enable()
 
     def start(self) -> None:
-        main = cProfile.Profile()
+        main = cProfile.Profile(time.thread_time)
         self._profiles.append(main)
         threading.setprofile(self._hook)
         main.enable()

@@ -37,6 +37,7 @@ from typing import Any
 from .checksum import crc32c
 from .config import StorageConfig
 from .errors import (
+    BucketNotFoundError,
     CheckpointError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -711,6 +712,8 @@ def read_manifest(storage: Storage, url: str) -> Manifest:
     manifest_url = join_url(url, MANIFEST_NAME)
     try:
         data = storage.get_bytes(manifest_url)
+    except BucketNotFoundError:
+        raise  # says more than "no checkpoint here"
     except NotFoundError as e:
         raise CheckpointNotFoundError(
             f"no committed checkpoint at {url} (no {MANIFEST_NAME})",

@@ -147,19 +147,15 @@ class SegmentMaps:
         for i, nbytes in enumerate(sizes):
             st = os.fstat(fds[i])
             key = (st.st_dev, st.st_ino)
-            storage = current.get(key) or self._maps.get(key)
+            storage = current.get(key)
+            if storage is None:
+                storage = self._maps.get(key)
             if storage is None or storage.nbytes() != nbytes:
                 storage = torch.UntypedStorage._new_shared_fd_cpu(fds[i], nbytes)
             current[key] = storage
             out.append(storage)
         self._maps = current
         return out
-
-    def clear(self) -> None:
-        self._maps = {}
-
-    def __len__(self) -> int:
-        return len(self._maps)
 
 
 class _HandleUnpickler(pickle.Unpickler):
@@ -201,7 +197,7 @@ def decode_write(
     """Rebuild what :func:`encode_write` pickled: ``fds`` and their ``sizes`` (the nbytes of
     its storages) mapped through ``maps`` (a fresh one by default). The caller still owns,
     and closes, ``fds``."""
-    mapped = (maps or SegmentMaps()).map_all(fds, sizes)
+    mapped = (maps if maps is not None else SegmentMaps()).map_all(fds, sizes)
     return _HandleUnpickler(io.BytesIO(data), mapped).load()
 
 

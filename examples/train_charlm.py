@@ -322,9 +322,12 @@ def latest_checkpoint_url(
     """The newest committed checkpoint: cloudckpt's CheckpointManager when it exists, checked
     against a plain listing of ``step-*/cloudckpt.manifest.json``."""
     by_listing = f"{run_url}/step-{listed[-1]:06d}" if listed else None
-    manager_cls = getattr(cloudckpt, "CheckpointManager", None)
+    manager_cls: Any = getattr(cloudckpt, "CheckpointManager", None)
     if manager_cls is None:
-        return by_listing
+        try:
+            from cloudckpt.manager import CheckpointManager as manager_cls
+        except ImportError:
+            return by_listing
     latest = manager_cls(run_url, storage_options=storage_options).latest()
     if latest is None or isinstance(latest, str):
         by_manager = latest

@@ -537,7 +537,6 @@ class MotoServer(S3Server):
         spool_dir.mkdir()
         self._spool_dir = str(spool_dir)
         _TempdirOverride.push(self._spool_dir)
-        os.environ.setdefault("MOTO_ALLOW_NONEXISTENT_REGION", "true")
         server = ThreadedMotoServer(
             ip_address=LOCALHOST, port=self._requested_port or 0, verbose=False
         )

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 import uuid
@@ -20,6 +19,7 @@ from typing import Any
 
 from ..config import CheckpointerConfig, StorageConfig
 from ..errors import CorruptCheckpointError
+from ..format import key_path_name
 from ..manager import (
     CheckpointInfo,
     CheckpointManager,
@@ -44,7 +44,6 @@ from .output import (
 logger = logging.getLogger(__name__)
 
 _BENCH_TENSOR_BYTES = 64 << 20
-_LIST_INDEX_RE = re.compile(r"\[\d+\]")
 
 
 @dataclass(frozen=True)
@@ -315,28 +314,33 @@ def _tensors(obj: Any) -> Iterator[Any]:
 
 
 def resolve_key(structure: Any, key: str) -> tuple[Any, ...]:
-    """The dict-key path a dotted ``key`` names in ``structure``. Dict keys may contain dots
-    themselves (``model.layer.weight`` as one flat key): the longest matching key wins."""
-    if _LIST_INDEX_RE.search(key):
-        raise ValueError(f"--keys selects dict entries; {key!r} indexes a list: select the list")
+    """The dict-key path a dotted ``key`` names in ``structure``, in the spelling ``info``
+    prints: ``model.layer.weight``, ``optim.state[0].exp_avg`` (``[0]`` is an int dict key).
+    Keys may contain dots themselves (a flat ``layer.weight``): the longest match wins."""
     path: list[Any] = []
     node, rest = structure, key
     while rest:
         if not isinstance(node, dict):
-            where = ".".join(str(p) for p in path) or "the top level"
-            raise ValueError(f"key {key!r}: {where} is not a dict of keys")
-        match = None
+            where = key_path_name(tuple(path)) or "the top level"
+            raise ValueError(
+                f"key {key!r}: {where} is a {type(node).__name__}, not a dict; select it whole"
+            )
+        match, match_len = None, -1
         for k in node:
-            name = str(k)
-            if (rest == name or rest.startswith(name + ".")) and (
-                match is None or len(name) > len(str(match))
-            ):
-                match = k
-        if match is None:
+            for spelling in (f"[{k}]", str(k)) if isinstance(k, int) else (str(k),):
+                follows = rest[len(spelling) : len(spelling) + 1]
+                if (
+                    rest.startswith(spelling)
+                    and follows in ("", ".", "[")
+                    and len(spelling) > match_len
+                ):
+                    match, match_len = k, len(spelling)
+        if match_len < 0:
             known = ", ".join(sorted(str(k) for k in node)[:10])
-            raise ValueError(f"key {key!r} is not in the checkpoint (keys there: {known})")
+            where = key_path_name(tuple(path)) or "the top level"
+            raise ValueError(f"key {key!r} is not in the checkpoint ({where} has: {known})")
         path.append(match)
-        node, rest = node[match], rest[len(str(match)) :].removeprefix(".")
+        node, rest = node[match], rest[match_len:].removeprefix(".")
     if not path:
         raise ValueError("empty key in --keys")
     return tuple(path)
@@ -344,14 +348,17 @@ def resolve_key(structure: Any, key: str) -> tuple[Any, ...]:
 
 def _select(structure: Any, paths: list[tuple[Any, ...]], leaf: Any) -> dict[Any, Any]:
     """Nested dicts holding ``leaf(value)`` at each path, in the order given; a path inside
-    another selected path adds nothing (the enclosing entry is taken whole)."""
+    another selected path adds nothing (the enclosing entry is taken whole). Inner dicts keep
+    the checkpoint's dict type (an OrderedDict stays one: partial reads check types)."""
     kept = [p for p in paths if not any(q != p and p[: len(q)] == q for q in paths)]
-    out: dict[Any, Any] = {}
+    out: dict[Any, Any] = type(structure)() if isinstance(structure, dict) else {}
     for path in dict.fromkeys(kept):
         src, dst = structure, out
         for part in path[:-1]:
             src = src[part]
-            dst = dst.setdefault(part, {})
+            if part not in dst:
+                dst[part] = type(src)()
+            dst = dst[part]
         dst[path[-1]] = leaf(src[path[-1]])
     return out
 
@@ -441,7 +448,7 @@ def cmd_gc(args: argparse.Namespace, ctx: Context) -> int:
     for c in report.deleted_checkpoints:
         print(f"{would}delete uncommitted {_describe(c)}: {c.problem}")
     print(
-        f"{would}abort {len(report.aborted_uploads)} upload(s) and {would}delete "
+        f"{would}abort {len(report.aborted_uploads)} upload(s) and delete "
         f"{len(report.deleted_checkpoints)} uncommitted checkpoint(s) "
         f"({report.deleted_objects} object(s), {format_bytes(report.freed_bytes)}) under {prefix}"
     )

@@ -268,9 +268,11 @@ def stalling_ckpt(backend: Backend) -> Iterator[tuple[cloudckpt.AsyncCheckpointe
     try:
         yield ckpt, parent
     finally:
-        ckpt.close()
+        # Pipe first: a writer still stalled (a failed test) then sees EOF, its write fails
+        # and close() does not wait for it forever.
         parent.close()
         child.close()
+        ckpt.close()
 
 
 def wait_for_upload_start(signals: Connection) -> int:

@@ -167,7 +167,7 @@ def test_just_committed_step_shows_at_once(
     assert [c.step for c in manager.list() if c.committed] == [1, 2, 4]
 
 
-def test_path_for_names_steps_with_optional_padding(tmp_path: object) -> None:
+def test_path_for_names_steps_with_optional_padding() -> None:
     manager = CheckpointManager("s3://bucket/run/")
     assert manager.path_for(100) == "s3://bucket/run/step-100"
     padded = CheckpointManager("s3://bucket/run", step_digits=8)
