@@ -272,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size-mib", type=int, default=1024, help="state dict size (default 1024)")
     p.add_argument("--tensors", type=int, default=16, help="number of tensors (default 16)")
-    p.add_argument("--saves", type=int, default=8, help="saves per run; the first is not counted")
+    p.add_argument("--saves", type=int, default=12, help="saves per run; the first is not counted")
     p.add_argument("--url", default="", help="where cloudckpt writes (default: a temporary dir)")
     p.add_argument("--storage-options", default="{}", help="JSON storage options for --url")
     p.add_argument("--local-dir", default=None, help="parent of the temporary directories")

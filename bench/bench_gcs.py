@@ -12,6 +12,9 @@ RSS are measured. Tools:
 * ``cloudckpt_save``: ``make_sync_checkpointer(...).save(url, sd)`` with the given
   UploadConfig (default: cloudckpt's defaults); the timed call includes serialization and the
   commit (manifest write).
+* ``cloudckpt_save_resumable`` (reference, no target): the same save with the composite path
+  switched off (``GCS_COMPOSITE_MIN_PARTS`` raised in the child), i.e. one resumable session
+  of sequential chunks: what every GCS save did before composite uploads.
 * ``gcsfs_pipe``: ``GCSFileSystem.pipe(path, data)`` of the bytes of ``torch.save(sd)``, built
   in memory BEFORE the meter starts (serialization excluded: the raw transport).
 * ``cloudckpt_load``: ``make_sync_checkpointer(...).load(url)`` of that round's checkpoint
@@ -57,6 +60,7 @@ BUCKET = "bench-gcs"
 PROJECT = "bench"
 SAVE_TOOLS = ("cloudckpt_save", "gcsfs_pipe")
 LOAD_TOOLS = ("cloudckpt_load", "gcsfs_cat")
+REFERENCE_TOOLS = ("cloudckpt_save_resumable",)
 TARGET_RATIO = 1.0
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +106,13 @@ def m_cloudckpt_save(spec: Spec) -> dict[str, Any]:
         object_bytes=metrics.bytes if metrics is not None else 0,
         save_metrics=asdict(metrics) if metrics is not None else None,
     )
+
+
+def m_cloudckpt_save_resumable(spec: Spec) -> dict[str, Any]:
+    from cloudckpt.storage import gcs
+
+    gcs.GCS_COMPOSITE_MIN_PARTS = 1 << 40  # never composite: one resumable session
+    return m_cloudckpt_save(Spec({**spec.raw, "prefix": spec["prefix"] + "-resumable"}))
 
 
 def m_gcsfs_pipe(spec: Spec) -> dict[str, Any]:
@@ -156,6 +167,7 @@ def m_gcsfs_cat(spec: Spec) -> dict[str, Any]:
 
 MEASURES = {
     "cloudckpt_save": m_cloudckpt_save,
+    "cloudckpt_save_resumable": m_cloudckpt_save_resumable,
     "gcsfs_pipe": m_gcsfs_pipe,
     "cloudckpt_load": m_cloudckpt_load,
     "gcsfs_cat": m_gcsfs_cat,
@@ -231,6 +243,9 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--concurrency", type=int, default=0, help="cloudckpt parts in flight (0: default)"
     )
+    p.add_argument(
+        "--no-reference", action="store_true", help="skip the cloudckpt_save_resumable row"
+    )
     p.add_argument("--json", default="", help="also write every raw result to this file")
     p.add_argument("--verbose", action="store_true", help="print every child's output")
     args = p.parse_args(argv)
@@ -243,13 +258,14 @@ def main(argv: list[str]) -> int:
         upload["max_concurrency"] = args.concurrency
     print(environment_note())
 
-    results: dict[str, list[dict[str, Any]]] = {t: [] for t in SAVE_TOOLS + LOAD_TOOLS}
+    refs = () if args.no_reference else REFERENCE_TOOLS
+    results: dict[str, list[dict[str, Any]]] = {t: [] for t in SAVE_TOOLS + refs + LOAD_TOOLS}
     with GCSBenchServer() as server:
         runner = Runner("bench_gcs", server, verbose=args.verbose)  # type: ignore[arg-type]
         for rnd in range(args.rounds):
             spec = server.spec(f"r{rnd}", args.size_mib, upload)
             step = -1 if rnd % 2 else 1  # alternate which tool goes first
-            for tools in (SAVE_TOOLS[::step], LOAD_TOOLS[::step]):
+            for tools in (SAVE_TOOLS[::step], refs, LOAD_TOOLS[::step]):
                 for tool in tools:
                     r = runner.run(tool, spec, label=tool)
                     results[tool].append(r)
@@ -283,6 +299,9 @@ def report(results: dict[str, list[dict[str, Any]]]) -> int:
         )
     print("\n== medians (throughput of the state dict's tensor bytes) ==")
     print(format_table(["tool", "MiB/s", "wall s", "cpu s", "peak +MiB", "per round MiB/s"], rows))
+    if rate.get("cloudckpt_save") and rate.get("cloudckpt_save_resumable"):
+        gain = rate["cloudckpt_save"] / rate["cloudckpt_save_resumable"]  # type: ignore[operator]
+        print(f"composite vs resumable save (reference): {gain:.2f}x")
     targets = Targets()
     for name, ours, theirs in (
         ("save", "cloudckpt_save", "gcsfs_pipe"),

@@ -70,6 +70,15 @@ from bench.common import (
 TOOLS = ("cloudckpt", "raw_read", "raw_readinto", "s3tc_dcp", "s3tc_seq", "s3fs_torch_load",
          "dcp_fsspec", "s3fs_cat")
 RAW = ("raw_read", "raw_readinto")
+#: ``--experiments``: extra rows (no target uses them) that size what a change would buy.
+EXPERIMENTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # One 32 MiB GET per window like the raw ceiling: a 40 MiB range cap lets each 4 KiB
+    # bias ride with its 32 MiB neighbour instead of costing a GET of its own.
+    "exp:cloudckpt_range40": ("cloudckpt", {"download": {"range_size_bytes": 40 * (1 << 20)}}),
+    "exp:cloudckpt_noverify": ("cloudckpt", {"download": {"verify_checksums": False}}),
+    # The raw ceiling without urllib3's temporary bytes + copy (http.client readinto).
+    "exp:raw_direct": ("raw_direct", {}),
+}
 S3TC = ("s3tc_dcp", "s3tc_seq")
 RANGE_SIZE = 32 * MiB
 CONCURRENCY = 8
@@ -160,9 +169,12 @@ def _verify(spec: Spec, loaded: Any, scalars: bool = True) -> str | None:
 
 
 def m_cloudckpt(spec: Spec) -> dict[str, Any]:
-    from cloudckpt import CheckpointerConfig, make_sync_checkpointer
+    from cloudckpt import CheckpointerConfig, DownloadConfig, make_sync_checkpointer
 
-    ckpt = make_sync_checkpointer(CheckpointerConfig(storage_options=spec.storage_options))
+    download = DownloadConfig(**spec.get("download", {}))
+    ckpt = make_sync_checkpointer(
+        CheckpointerConfig(storage_options=spec.storage_options, download_config=download)
+    )
     url = spec.url(CLOUDCKPT_PATH)
     ckpt._reader.storage(url)  # build the boto3 client now (no request): not timed
     with Meter() as m:
@@ -191,7 +203,7 @@ def m_cloudckpt_partial(spec: Spec) -> dict[str, Any]:
                     mismatch=mismatch)
 
 
-def _raw(spec: Spec, readinto: bool) -> dict[str, Any]:
+def _raw(spec: Spec, readinto: bool, direct: bool = False) -> dict[str, Any]:
     import torch
 
     client = spec.boto3_client(max_pool_connections=CONCURRENCY + 2)
@@ -201,7 +213,18 @@ def _raw(spec: Spec, readinto: bool) -> dict[str, Any]:
         end = start + len(buf)
         body = client.get_object(Bucket=BUCKET, Key=key, Range=f"bytes={start}-{end - 1}")["Body"]
         try:
-            if readinto:
+            if direct:
+                # http.client's readinto: the socket reads straight into ``buf`` (no temporary
+                # bytes, no second copy); then the connection goes back to urllib3's pool.
+                raw = body._raw_stream
+                fp, pos = raw._fp, 0
+                while pos < len(buf):
+                    n = fp.readinto(buf[pos:])
+                    if not n:
+                        raise OSError(f"short read at {start + pos}")
+                    pos += n
+                raw.release_conn()
+            elif readinto:
                 raw, pos = body._raw_stream, 0
                 while pos < len(buf):
                     n = raw.readinto(buf[pos:pos + READ_SLICE])
@@ -231,6 +254,10 @@ def m_raw_read(spec: Spec) -> dict[str, Any]:
 
 def m_raw_readinto(spec: Spec) -> dict[str, Any]:
     return _raw(spec, readinto=True)
+
+
+def m_raw_direct(spec: Spec) -> dict[str, Any]:
+    return _raw(spec, readinto=True, direct=True)
 
 
 def m_s3tc_dcp(spec: Spec) -> dict[str, Any]:
@@ -299,6 +326,7 @@ MEASURES = {
     "cloudckpt_partial": m_cloudckpt_partial,
     "raw_read": m_raw_read,
     "raw_readinto": m_raw_readinto,
+    "raw_direct": m_raw_direct,
     "s3tc_dcp": m_s3tc_dcp,
     "s3tc_seq": m_s3tc_seq,
     "s3fs_torch_load": m_s3fs_torch_load,
@@ -316,6 +344,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, default_rounds=3)
     p.add_argument("--partial-rounds", type=int, default=2)
+    p.add_argument("--experiments", action="store_true",
+                   help=f"also run the experiment rows (no target): {', '.join(EXPERIMENTS)}")
     args = p.parse_args(argv)
     check_torch_untouched()
     print(environment_note())
@@ -350,12 +380,15 @@ def main(argv: list[str]) -> int:
               f"object {prep['torch_object_bytes'] / MiB:.1f} MiB, in {prep['process_s']:.0f} s", flush=True)
         spec = {**base, "crcs": prep["crcs"]}
 
-        results: dict[str, list[dict[str, Any]]] = {t: [] for t in tools}
+        entries = {t: (t, {}) for t in tools}
+        if args.experiments:
+            entries.update(EXPERIMENTS)
+        results: dict[str, list[dict[str, Any]]] = {t: [] for t in entries}
         for rnd in range(args.rounds):
-            for tool in tools:
-                r = runner.run(tool, spec, label=tool)
-                results[tool].append(r)
-                print(f"round {rnd + 1} {tool:16s} " + _one_line(r), flush=True)
+            for label, (measure, extra) in entries.items():
+                r = runner.run(measure, {**spec, **extra}, label=label)
+                results[label].append(r)
+                print(f"round {rnd + 1} {label:16s} " + _one_line(r), flush=True)
         raw["rounds"] = results
 
         count: dict[str, dict[str, Any]] = {}
@@ -386,7 +419,7 @@ def main(argv: list[str]) -> int:
 
     write_json(args.json, raw)
     print(environment_note())
-    return report(args, tools, excluded, results, count, partial, prep)
+    return report(args, tools, excluded, results, count, partial, prep, list(entries))
 
 
 def _one_line(r: dict[str, Any]) -> str:
@@ -399,12 +432,12 @@ def _one_line(r: dict[str, Any]) -> str:
 
 def report(args: argparse.Namespace, tools: list[str], excluded: dict[str, str],
            results: dict[str, list[dict[str, Any]]], count: dict[str, dict[str, Any]],
-           partial: list[dict[str, Any]], prep: dict[str, Any]) -> int:
-    for t in tools:  # a wrong result disqualifies the run
+           partial: list[dict[str, Any]], prep: dict[str, Any], rows_order: list[str]) -> int:
+    for t in rows_order:  # a wrong result disqualifies the run
         for r in results[t]:
             if r.get("mismatch"):
                 r["error"] = f"wrong result: {r['mismatch']}"
-    summaries = {t: summarize(t, results[t]) for t in tools}
+    summaries = {t: summarize(t, results[t]) for t in rows_order}
     for t, s in summaries.items():
         if not s.ok:
             excluded.setdefault(t, "failed in every round: " + s.errors[0].replace("\n", " | ")[-300:])
@@ -418,7 +451,7 @@ def report(args: argparse.Namespace, tools: list[str], excluded: dict[str, str],
     print(f"\n== load: {prep['payload_bytes'] / MiB:.0f} MiB of tensors ({args.size_mib} MiB "
           f"requested), median of {args.rounds} interleaved rounds, fresh process each ==")
     rows = []
-    for t in ok:
+    for t in ok + [e for e in rows_order if e not in tools and summaries[e].ok]:
         s = summaries[t]
         vs_ceiling = f"{s.mib_s / summaries[ceiling].mib_s:.2f}x" if ceiling else "-"
         cpu_vs = f"{s.cpu_s_per_gib / summaries[ceiling].cpu_s_per_gib:.2f}x" if ceiling else "-"

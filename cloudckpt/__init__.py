@@ -31,6 +31,7 @@ from .errors import (
     StorageError,
     UnsupportedURLError,
 )
+from .manager import CheckpointInfo, CheckpointManager
 from .reader import CheckpointReader
 from .writer import CheckpointWriter, SaveMetrics
 
@@ -39,6 +40,8 @@ __all__ = [
     "BarrierConfig",
     "BucketNotFoundError",
     "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReader",
     "CheckpointReaderConfig",

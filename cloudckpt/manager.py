@@ -232,7 +232,7 @@ class CheckpointManager:
         self.storage_config = _as_storage_config(storage_options)
         self.step_digits = step_digits
         self._storage = get_storage(self.prefix_url, self.storage_config)
-        self._manifests: collections.OrderedDict[tuple[str, str], Manifest | str] = (
+        self._manifests: collections.OrderedDict[tuple[str, str], Manifest] = (
             collections.OrderedDict()
         )
         self._manifests_lock = threading.Lock()
@@ -734,11 +734,15 @@ def verify_checkpoint(
     progress: ProgressFn | None = None,
     storage: Storage | None = None,
 ) -> VerifyReport:
-    """Read every rank object of the committed checkpoint at ``url`` in full (parallel ranged
-    reads, bounded memory) and check its size and every CRC32C the manifest records: each
-    storage, the pickle record and the whole object. Every problem is reported, not only the
-    first; raises only when there is no valid manifest (CheckpointNotFoundError,
-    ManifestError)."""
+    """Read every rank object of the committed checkpoint at ``url`` in full and check its size
+    and every CRC32C the manifest records: each storage, the pickle record and the whole
+    object. Every problem is reported, not only the first; raises only when there is no valid
+    manifest (CheckpointNotFoundError, ManifestError) or no bucket.
+
+    Rank objects are read concurrently, each by parallel ranged reads; together at most
+    ``download.max_concurrency`` chunks of ``download.range_size_bytes`` are in memory.
+    ``progress`` may be called from several threads.
+    """
     url = normalize_url(url)
     config = storage_config or StorageConfig()
     own = storage is None
@@ -746,17 +750,24 @@ def verify_checkpoint(
     try:
         manifest = read_manifest(store, url)
         report = VerifyReport(url=url, world_size=manifest.world_size)
-        chunk_bytes, in_flight = _stream_params(config)
-        for entry in sorted(manifest.ranks, key=lambda e: e.rank):
+        chunk_bytes, budget = _stream_params(config)
+        entries = sorted(manifest.ranks, key=lambda e: e.rank)
+        rank_workers = max(1, min(len(entries), budget))
+        in_flight = max(1, budget // rank_workers)
+        lock = threading.Lock()
+
+        def verify_rank(entry: RankEntry) -> list[VerifyProblem]:
             obj_url = join_url(url, entry.object_name)
-            info = _head_rank_object(store, obj_url, entry, report.problems)
+            problems: list[VerifyProblem] = []
+            info = _head_rank_object(store, obj_url, entry, problems)
             if info is None:
-                continue
+                return problems
             checker = _LayoutChecker(entry.layout)
 
-            def check(data: memoryview, checker: _LayoutChecker = checker) -> None:
+            def check(data: memoryview) -> None:
                 checker.feed(data)
-                report.bytes_checked += data.nbytes
+                with lock:
+                    report.bytes_checked += data.nbytes
                 if progress is not None:
                     progress(data.nbytes)
 
@@ -771,12 +782,14 @@ def verify_checkpoint(
                     max_in_flight=in_flight,
                 )
             except StorageError as e:
-                report.problems.append(
-                    VerifyProblem(entry.rank, obj_url, "read_error", f"reading failed: {e}")
-                )
-                continue
-            report.objects_checked += 1
-            report.problems.extend(checker.problems(entry, obj_url))
+                return [VerifyProblem(entry.rank, obj_url, "read_error", f"reading failed: {e}")]
+            with lock:
+                report.objects_checked += 1
+            return checker.problems(entry, obj_url)
+
+        with ThreadPoolExecutor(rank_workers, thread_name_prefix="cloudckpt-verify") as pool:
+            for problems in pool.map(verify_rank, entries):
+                report.problems.extend(problems)
         return report
     finally:
         if own:

@@ -23,6 +23,7 @@ from ._upstream import STATE_DICT, RankInfo, UpstreamCheckpointReader
 from .checksum import crc32c
 from .config import CheckpointReaderConfig, StorageConfig
 from .errors import (
+    BucketNotFoundError,
     CheckpointError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -109,6 +110,8 @@ class CheckpointReader(UpstreamCheckpointReader):
         manifest_url = join_url(url, MANIFEST_NAME)
         try:
             data = self.storage(url).get_bytes(manifest_url)
+        except BucketNotFoundError:
+            raise
         except NotFoundError as e:
             raise CheckpointNotFoundError(
                 f"no committed checkpoint at {url} (no {MANIFEST_NAME})",
@@ -177,6 +180,8 @@ class CheckpointReader(UpstreamCheckpointReader):
         layout = entry.layout
         try:
             info = storage.head(obj_url)
+        except BucketNotFoundError:
+            raise
         except NotFoundError as e:
             raise CorruptCheckpointError(
                 f"rank object {obj_url} listed in the manifest is missing",
@@ -243,6 +248,8 @@ class CheckpointReader(UpstreamCheckpointReader):
         obj_url = join_url(url, rank_object_name(rank))
         try:
             data = self.storage(url).get_bytes(obj_url)
+        except BucketNotFoundError:
+            raise
         except NotFoundError as e:
             raise CheckpointNotFoundError(
                 f"no checkpoint at {url}: neither a manifest nor {rank_object_name(rank)}",
@@ -362,11 +369,7 @@ class _PartialRead:
         return span
 
     def _walk(self, target: Any, source: Any, key_path: str, ph: dict[int, Any]) -> Any:
-        if target is not None and not (
-            isinstance(target, type(source)) or (
-                isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor)
-            )
-        ):
+        if target is not None and not _same_kind(target, source):
             raise StateDictMismatchError(
                 f"key {key_path} is a {type(target).__name__} in the target state dict but a "
                 f"{type(source).__name__} in the checkpoint",
@@ -387,7 +390,7 @@ class _PartialRead:
             return _Placeholder(key)
         if isinstance(source, dict):
             if target is None:
-                target = dict.fromkeys(source.keys())
+                target = type(source).fromkeys(source.keys())  # keeps OrderedDict an OrderedDict
             for key in list(target.keys()):
                 path = f"{key_path}.{key}" if key_path else str(key)
                 if key in source:
@@ -429,6 +432,15 @@ class _PartialRead:
         if isinstance(obj, list | tuple):
             return type(obj)(self._fill(v, ph, fetched) for v in obj)
         return obj
+
+
+def _same_kind(target: Any, source: Any) -> bool:
+    """Whether ``target`` may receive ``source``: tensors, dicts and sequences match loosely
+    (an OrderedDict target takes a dict, a list takes a tuple); other values by type."""
+    for kind in (torch.Tensor, dict, list | tuple):
+        if isinstance(source, kind):
+            return isinstance(target, kind)
+    return isinstance(target, type(source))
 
 
 def _fills_storage(target: torch.Tensor, src: torch.Tensor, span: StorageSpan) -> bool:

@@ -319,27 +319,12 @@ def committed_steps(store: S3Store, bucket: str, prefix: str) -> list[int]:
 def latest_checkpoint_url(
     cloudckpt: Any, run_url: str, storage_options: dict[str, Any], listed: list[int]
 ) -> str | None:
-    """The newest committed checkpoint: cloudckpt's CheckpointManager when it exists, checked
-    against a plain listing of ``step-*/cloudckpt.manifest.json``."""
+    """The newest committed checkpoint by ``cloudckpt.CheckpointManager``, cross-checked against
+    a plain listing of ``step-*/cloudckpt.manifest.json``."""
+    latest = cloudckpt.CheckpointManager(run_url, storage_options=storage_options).latest()
+    by_manager = latest.url.rstrip("/") if latest is not None else None
     by_listing = f"{run_url}/step-{listed[-1]:06d}" if listed else None
-    manager_cls: Any = getattr(cloudckpt, "CheckpointManager", None)
-    if manager_cls is None:
-        try:
-            from cloudckpt.manager import CheckpointManager as manager_cls
-        except ImportError:
-            return by_listing
-    latest = manager_cls(run_url, storage_options=storage_options).latest()
-    if latest is None or isinstance(latest, str):
-        by_manager = latest
-    elif isinstance(latest, int):
-        by_manager = f"{run_url}/step-{latest:06d}"
-    elif isinstance(getattr(latest, "url", None), str):
-        by_manager = latest.url
-    elif isinstance(getattr(latest, "path", None), str):
-        by_manager = latest.path
-    else:
-        raise VerificationError(f"unexpected CheckpointManager.latest() result {latest!r}")
-    if (by_manager or "").rstrip("/") != (by_listing or ""):
+    if by_manager != by_listing:
         raise VerificationError(
             f"CheckpointManager.latest() = {by_manager!r} but the newest committed "
             f"checkpoint by listing is {by_listing!r}"

@@ -10,7 +10,12 @@ are made here, one attempt each, so that
   turned off: attempts do not multiply);
 * errors are translated from the HTTP status and the JSON error body, not from the generic
   exceptions gcsfs's ``validate_response`` raises (which loses "bucket" vs "object" 404s);
-* a streamed upload follows the resumable-upload protocol exactly (see :class:`GCSUpload`).
+* a streamed upload is either a resumable session that follows the protocol exactly
+  (:class:`GCSUpload`) or, for objects of ``GCS_COMPOSITE_MIN_PARTS`` chunks or more (by the
+  size hint), a parallel composite upload (:class:`GCSCompositeUpload`): parts uploaded
+  concurrently as temporary objects, composed at commit. Neither makes anything visible at
+  the key before the commit, and neither leaves an object whose size or CRC32C differs from
+  the bytes written.
 
 Object versions are GCS generations. ``gcsfs`` must be imported with
 ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` (set below unless the user set it): its experimental
@@ -672,12 +677,13 @@ class GCSCompositeUpload(Upload):
         while pos < len(view):
             if self._buf is None:
                 self._buf = self._take_buffer()
-            take = min(len(self._buf) - self._fill, len(view) - pos)
-            self._buf[self._fill : self._fill + take] = view[pos : pos + take]
+            buf = self._buf
+            take = min(len(buf) - self._fill, len(view) - pos)
+            buf[self._fill : self._fill + take] = view[pos : pos + take]
             self._fill += take
             pos += take
-            if self._fill == len(self._buf):
-                self._submit()
+            if self._fill == len(buf):
+                self._submit(buf)
 
     def _take_buffer(self) -> bytearray:
         """A buffer for the next part, once fewer than ``max_concurrency`` parts are in flight."""
@@ -695,10 +701,9 @@ class GCSCompositeUpload(Upload):
         self._free = [b for b in self._free if len(b) == size]
         return self._free.pop() if self._free else bytearray(size)
 
-    def _submit(self) -> None:
-        """Hand the current buffer to the pool as the next part."""
-        assert self._buf is not None
-        index, buf, n = self._next_index, self._buf, self._fill
+    def _submit(self, buf: bytearray) -> None:
+        """Hand ``buf`` (the current buffer) to the pool as the next part."""
+        index, n = self._next_index, self._fill
         name = f"{self.temp_prefix}{index:05d}"
         self._temps.append(name)
         self._buf, self._fill, self._next_index = None, 0, index + 1
@@ -719,9 +724,10 @@ class GCSCompositeUpload(Upload):
             self._bucket,
             name,
             view,
-            url=self._temp_url(name),
-            what=f"upload part {index} of {self.url}",
+            url=self.url,
+            what=f"upload of part {index}",
             send_checksum=self._send_checksums,
+            retry_mismatch=True,  # a temporary: sending it again overwrites it
             on_retry=self._on_retry,
         )
         with self._metrics_lock:
@@ -770,8 +776,8 @@ class GCSCompositeUpload(Upload):
                 self.metrics.parts += 1
                 self.metrics.bytes_sent += len(view)
         else:
-            if self._fill:
-                self._submit()
+            if self._buf is not None and self._fill:
+                self._submit(self._buf)
             while self._in_flight:
                 self._reap(block=True)
             meta = self._compose_all([self._parts[i] for i in range(self._next_index)])
