@@ -39,10 +39,10 @@ from typing import Any
 
 from bench.common import (
     BUCKET,
-    MiB,
     REGION,
     BenchServer,
     Meter,
+    MiB,
     Runner,
     Spec,
     Targets,
@@ -50,14 +50,17 @@ from bench.common import (
     check_torch_untouched,
     child_main,
     counting_proxy,
+    cpu_per_byte,
     environment_note,
     fmt_mib,
     format_table,
     make_state_dict,
     median,
+    paired_ratio,
     parent_cpu_secs,
     summarize,
     tensor_bytes,
+    throughput,
     write_json,
 )
 
@@ -125,7 +128,9 @@ def m_s3fs(spec: Spec) -> dict[str, Any]:
     fs.connect()  # session + client, no request: not timed
     with Meter() as m, fs.open(spec.url("model.pt"), "wb") as f:
         torch.save(sd, f)
-    return m.result(payload_bytes=tensor_bytes(sd), block_size=getattr(fs, "default_block_size", None))
+    return m.result(
+        payload_bytes=tensor_bytes(sd), block_size=getattr(fs, "default_block_size", None)
+    )
 
 
 def m_dcp_fsspec(spec: Spec) -> dict[str, Any]:
@@ -189,15 +194,16 @@ def s3tc_unavailable() -> str | None:
         import s3torchconnector  # noqa: F401
         import s3torchconnectorclient  # noqa: F401
     except ImportError as e:
-        return (f"not installed ({e}); pip install --no-deps s3torchconnector "
-                "s3torchconnectorclient")
+        return f"not installed ({e}); pip install --no-deps s3torchconnector s3torchconnectorclient"
     return None
 
 
 def main(argv: list[str]) -> int:
     if child_main(MEASURES, argv):
         return 0
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_common_args(p, default_rounds=2)
     p.add_argument("--shaped-size-mib", type=int, default=256)
     p.add_argument("--shaped-rounds", type=int, default=1)
@@ -216,14 +222,20 @@ def main(argv: list[str]) -> int:
 
     raw: dict[str, Any] = {"args": vars(args), "rounds": {}, "count": {}, "shaped": {}}
     with BenchServer() as server:
-        runner = Runner("bench_save", server, profile=set(filter(None, args.profile.split(","))),
-                        profile_mode=args.profile_mode, verbose=args.verbose)
+        runner = Runner(
+            "bench_save",
+            server,
+            profile=set(filter(None, args.profile.split(","))),
+            profile_mode=args.profile_mode,
+            verbose=args.verbose,
+        )
         results: dict[str, list[dict[str, Any]]] = {t: [] for t in tools + refs}
         for rnd in range(args.rounds):
             for tool in tools + refs:
                 prefix = f"save/r{rnd}/{tool}"
                 spec = server.spec(prefix, args.size_mib)
                 r = runner.run(tool, spec, label=tool)
+                r["round"] = rnd
                 if "error" not in r and tool not in refs:
                     r["stored_objects"], r["stored_bytes"] = server.prefix_bytes(prefix)
                 results[tool].append(r)
@@ -236,7 +248,9 @@ def main(argv: list[str]) -> int:
             try:
                 for tool in tools:
                     proxy.reset_counters()
-                    spec = server.spec(f"count/{tool}", args.size_mib, endpoint_url=proxy.endpoint_url)
+                    spec = server.spec(
+                        f"count/{tool}", args.size_mib, endpoint_url=proxy.endpoint_url
+                    )
                     r = runner.run(tool, spec, label=f"count:{tool}")
                     count[tool] = {
                         "error": r.get("error"),
@@ -245,9 +259,12 @@ def main(argv: list[str]) -> int:
                         "requests": len(proxy.requests),
                         "by_kind": dict(proxy.counts_by_kind()),
                     }
-                    print(f"count   {tool:15s} sent {count[tool]['sent_bytes'] / MiB:.1f} MiB in "
-                          f"{count[tool]['requests']} requests" + (f" ERROR {r['error'][:200]}" if r.get("error") else ""),
-                          flush=True)
+                    print(
+                        f"count   {tool:15s} sent {count[tool]['sent_bytes'] / MiB:.1f} MiB in "
+                        f"{count[tool]['requests']} requests"
+                        + (f" ERROR {r['error'][:200]}" if r.get("error") else ""),
+                        flush=True,
+                    )
             finally:
                 proxy.stop()
         raw["count"] = count
@@ -262,7 +279,9 @@ def main(argv: list[str]) -> int:
     return report(args, tools, refs, excluded, results, count, shaped)
 
 
-def run_shaped(server: BenchServer, runner: Runner, size_mib: int, rounds: int) -> dict[str, list[dict[str, Any]]]:
+def run_shaped(
+    server: BenchServer, runner: Runner, size_mib: int, rounds: int
+) -> dict[str, list[dict[str, Any]]]:
     """cloudckpt c8 vs c1 behind a proxy capping each connection at 10 MiB/s, plus c8 through
     the same proxy unshaped (the proxy + server ceiling)."""
     out: dict[str, list[dict[str, Any]]] = {"c8_shaped": [], "c1_shaped": [], "c8_unshaped": []}
@@ -276,10 +295,15 @@ def run_shaped(server: BenchServer, runner: Runner, size_mib: int, rounds: int) 
                 ("c8_unshaped", CONCURRENCY, plain_proxy),
             ):
                 proxy.reset_counters()
-                spec = server.spec(f"shaped/r{rnd}/{label}", size_mib, endpoint_url=proxy.endpoint_url,
-                                   upload={"max_concurrency": conc})
+                spec = server.spec(
+                    f"shaped/r{rnd}/{label}",
+                    size_mib,
+                    endpoint_url=proxy.endpoint_url,
+                    upload={"max_concurrency": conc},
+                )
                 cpu0, t0 = parent_cpu_secs(), time.monotonic()
                 r = runner.run("cloudckpt", spec, label=f"shaped:{label}")
+                r["round"] = rnd
                 r["proxy_cpu_s"] = parent_cpu_secs() - cpu0
                 r["proxy_window_s"] = time.monotonic() - t0
                 r["proxy_connections_bytes"] = proxy.request_body_bytes
@@ -297,91 +321,158 @@ def run_shaped(server: BenchServer, runner: Runner, size_mib: int, rounds: int) 
 def _one_line(r: dict[str, Any]) -> str:
     if "error" in r:
         return "ERROR " + r["error"].replace("\n", " | ")[-400:]
-    return (f"{r['payload_bytes'] / MiB / r['wall_s']:7.1f} MiB/s  wall {r['wall_s']:6.2f} s  "
-            f"cpu {r['cpu_s']:6.2f} s  peak +{r['peak_extra_bytes'] / MiB:6.0f} MiB")
+    return (
+        f"{r['payload_bytes'] / MiB / r['wall_s']:7.1f} MiB/s  wall {r['wall_s']:6.2f} s  "
+        f"cpu {r['cpu_s']:6.2f} s  peak +{r['peak_extra_bytes'] / MiB:6.0f} MiB"
+    )
 
 
-def report(args: argparse.Namespace, tools: list[str], refs: list[str], excluded: dict[str, str],
-           results: dict[str, list[dict[str, Any]]], count: dict[str, dict[str, Any]],
-           shaped: dict[str, list[dict[str, Any]]]) -> int:
+def report(
+    args: argparse.Namespace,
+    tools: list[str],
+    refs: list[str],
+    excluded: dict[str, str],
+    results: dict[str, list[dict[str, Any]]],
+    count: dict[str, dict[str, Any]],
+    shaped: dict[str, list[dict[str, Any]]],
+) -> int:
     summaries = {t: summarize(t, results[t]) for t in tools + refs}
     for t, s in summaries.items():
         if not s.ok:
-            excluded.setdefault(t, "failed in every round: " + s.errors[0].replace("\n", " | ")[-300:])
+            excluded.setdefault(
+                t, "failed in every round: " + s.errors[0].replace("\n", " | ")[-300:]
+            )
     ok = [t for t in tools if summaries[t].ok]
     others = [t for t in ok if t != "cloudckpt"]
     best = max(others, key=lambda t: summaries[t].mib_s) if others else None
     lowest_cpu = min(others, key=lambda t: summaries[t].cpu_s_per_gib) if others else None
 
     payload = next((s.payload_bytes for s in summaries.values() if s.ok), 0)
-    print(f"\n== save: {payload / MiB:.0f} MiB of tensors ({args.size_mib} MiB requested), "
-          f"median of {args.rounds} interleaved rounds, fresh process each ==")
+    print(
+        f"\n== save: {payload / MiB:.0f} MiB of tensors ({args.size_mib} MiB requested), "
+        f"median of {args.rounds} interleaved rounds, fresh process each =="
+    )
     rows = []
     for t in ok + [r for r in refs if summaries[r].ok]:
         s = summaries[t]
-        thr_ratio = f"{s.mib_s / summaries[best].mib_s:.2f}x" if best else "-"
-        cpu_ratio = f"{s.cpu_s_per_gib / summaries[lowest_cpu].cpu_s_per_gib:.2f}x" if lowest_cpu else "-"
+        thr_ratio = f"{paired_ratio(s, summaries[best], throughput):.2f}x" if best else "-"
+        cpu_ratio = (
+            f"{paired_ratio(s, summaries[lowest_cpu], cpu_per_byte):.2f}x" if lowest_cpu else "-"
+        )
         stored = median(r.get("stored_bytes", 0) for r in s.runs)
         sent = count.get(t, {}).get("sent_bytes")
-        rows.append([
-            t + (" (ref)" if t in refs else ""),
-            f"{s.mib_s:.1f}", s.spread(), thr_ratio,
-            f"{s.cpu_s_per_gib:.2f}", cpu_ratio,
-            f"{s.peak_extra_mib:.0f}",
-            fmt_mib(stored) if stored else "-",
-            fmt_mib(sent) if sent else "-",
-            str(count.get(t, {}).get("requests", "-")),
-        ])
-    print(format_table(
-        ["tool", "MiB/s", "range", "vs best", "CPU s/GiB", "vs lowest", "peak +MiB",
-         "stored MiB", "sent MiB", "requests"], rows))
+        rows.append(
+            [
+                t + (" (ref)" if t in refs else ""),
+                f"{s.mib_s:.1f}",
+                s.spread(),
+                thr_ratio,
+                f"{s.cpu_s_per_gib:.2f}",
+                cpu_ratio,
+                f"{s.peak_extra_mib:.0f}",
+                fmt_mib(stored) if stored else "-",
+                fmt_mib(sent) if sent else "-",
+                str(count.get(t, {}).get("requests", "-")),
+            ]
+        )
+    print(
+        format_table(
+            [
+                "tool",
+                "MiB/s",
+                "range",
+                "vs best*",
+                "CPU s/GiB",
+                "vs lowest*",
+                "peak +MiB",
+                "stored MiB",
+                "sent MiB",
+                "requests",
+            ],
+            rows,
+        )
+    )
+    print(
+        "MiB/s, CPU s/GiB, peak: medians over rounds; range: slowest-fastest round; *: median "
+        "over rounds of the ratio to that tool's run in the same round (paired)"
+    )
     if best:
-        print(f"best other tool by wall throughput: {best}; lowest CPU/GiB: {lowest_cpu}")
+        print(
+            f"best other tool by median wall throughput: {best}; lowest median CPU/GiB: {lowest_cpu}"
+        )
     for t, why in excluded.items():
         print(f"excluded: {t}: {why}")
     cm = summaries.get("cloudckpt")
     if cm and cm.ok and cm.runs[0].get("save_metrics"):
         sm = cm.runs[-1]["save_metrics"]
-        print(f"cloudckpt SaveMetrics (last round): {sm['parts']} parts, {sm['retries']} retries, "
-              f"upload {sm['upload_secs']:.2f} s, total {sm['total_secs']:.2f} s")
+        print(
+            f"cloudckpt SaveMetrics (last round): {sm['parts']} parts, {sm['retries']} retries, "
+            f"upload {sm['upload_secs']:.2f} s, total {sm['total_secs']:.2f} s"
+        )
 
     targets = Targets()
     if cm is None or not cm.ok:
         targets.check("save throughput >= 0.9x best", None, "cloudckpt did not run")
     else:
         if best:
-            ratio = cm.mib_s / summaries[best].mib_s
-            targets.check("save wall throughput >= 0.9x the best other tool", ratio >= 0.9,
-                          f"{ratio:.2f}x ({cm.mib_s:.1f} vs {best} {summaries[best].mib_s:.1f} MiB/s)")
+            b = summaries[best]
+            ratio = paired_ratio(cm, b, throughput)
+            targets.check(
+                "save wall throughput >= 0.9x the best other tool",
+                ratio >= 0.9,
+                f"{ratio:.2f}x paired ({cm.mib_s:.1f} vs {best} {b.mib_s:.1f} MiB/s "
+                f"median: {cm.mib_s / b.mib_s:.2f}x)",
+            )
             lc = summaries[lowest_cpu]  # type: ignore[index]
-            targets.check("save client CPU s/GiB <= the lowest other tool's",
-                          cm.cpu_s_per_gib <= lc.cpu_s_per_gib,
-                          f"{cm.cpu_s_per_gib:.2f} vs {lowest_cpu} {lc.cpu_s_per_gib:.2f} s/GiB "
-                          f"({cm.cpu_s_per_gib / lc.cpu_s_per_gib:.2f}x)")
+            cpu_ratio = paired_ratio(cm, lc, cpu_per_byte)
+            targets.check(
+                "save client CPU s/GiB <= the lowest other tool's",
+                cpu_ratio <= 1.0,
+                f"{cpu_ratio:.2f}x paired ({cm.cpu_s_per_gib:.2f} vs {lowest_cpu} "
+                f"{lc.cpu_s_per_gib:.2f} s/GiB median: "
+                f"{cm.cpu_s_per_gib / lc.cpu_s_per_gib:.2f}x)",
+            )
         limit = PART_SIZE * (CONCURRENCY + 2) + 64 * MiB
         peak = cm.med("peak_extra_bytes")
-        targets.check("save peak extra RSS <= part_size x (concurrency + 2) + 64 MiB", peak <= limit,
-                      f"{peak / MiB:.0f} MiB vs limit {limit / MiB:.0f} MiB (max over rounds "
-                      f"{max(r['peak_extra_bytes'] for r in cm.runs) / MiB:.0f})")
+        targets.check(
+            "save peak extra RSS <= part_size x (concurrency + 2) + 64 MiB",
+            peak <= limit,
+            f"{peak / MiB:.0f} MiB vs limit {limit / MiB:.0f} MiB (max over rounds "
+            f"{max(r['peak_extra_bytes'] for r in cm.runs) / MiB:.0f})",
+        )
     if shaped:
         c8, c1, un = (summarize(k, shaped[k]) for k in ("c8_shaped", "c1_shaped", "c8_unshaped"))
-        print(f"\n== shaping proxy: {SHAPED_BANDWIDTH / MiB:.0f} MiB/s per TCP connection, "
-              f"cloudckpt, {args.shaped_size_mib} MiB state dict ==")
+        print(
+            f"\n== shaping proxy: {SHAPED_BANDWIDTH / MiB:.0f} MiB/s per TCP connection, "
+            f"cloudckpt, {args.shaped_size_mib} MiB state dict =="
+        )
         rows = []
         for s in (c8, c1, un):
             if s.ok:
                 pc = median(r["proxy_cpu_s"] / r["wall_s"] for r in s.runs)
-                rows.append([s.name, f"{s.mib_s:.1f}", f"{s.wall_s:.2f}", f"{s.cpu_s_per_gib:.2f}",
-                             f"{pc:.2f}"])
+                rows.append(
+                    [
+                        s.name,
+                        f"{s.mib_s:.1f}",
+                        f"{s.wall_s:.2f}",
+                        f"{s.cpu_s_per_gib:.2f}",
+                        f"{pc:.2f}",
+                    ]
+                )
             else:
                 rows.append([s.name, "ERROR", s.errors[0][-200:], "", ""])
         print(format_table(["run", "MiB/s", "wall s", "CPU s/GiB", "proxy CPU (cores)"], rows))
         if c8.ok and c1.ok:
-            ratio = c8.mib_s / c1.mib_s
-            targets.check("shaped (10 MiB/s per connection) save: concurrency 8 >= 5x concurrency 1",
-                          ratio >= 5.0, f"{ratio:.2f}x ({c8.mib_s:.1f} vs {c1.mib_s:.1f} MiB/s; "
-                          f"ideal 8x = {8 * SHAPED_BANDWIDTH / MiB:.0f} MiB/s, unshaped through the "
-                          f"proxy {un.mib_s:.1f} MiB/s)" if un.ok else f"{ratio:.2f}x")
+            ratio = paired_ratio(c8, c1, throughput)
+            targets.check(
+                "shaped (10 MiB/s per connection) save: concurrency 8 >= 5x concurrency 1",
+                ratio >= 5.0,
+                f"{ratio:.2f}x ({c8.mib_s:.1f} vs {c1.mib_s:.1f} MiB/s; "
+                f"ideal 8x = {8 * SHAPED_BANDWIDTH / MiB:.0f} MiB/s, unshaped through the "
+                f"proxy {un.mib_s:.1f} MiB/s)"
+                if un.ok
+                else f"{ratio:.2f}x",
+            )
         else:
             targets.check("shaped save c8 >= 5x c1", None, "a shaped run failed")
     return targets.report()

@@ -126,7 +126,9 @@ def _u8() -> Any:
     return torch.uint8
 
 
-def check_loaded(loaded: Any, expected_crcs: Mapping[str, int], *, scalars: bool = True) -> str | None:
+def check_loaded(
+    loaded: Any, expected_crcs: Mapping[str, int], *, scalars: bool = True
+) -> str | None:
     """None if ``loaded`` holds exactly the expected tensors (and scalars), else what differs."""
     got = tensor_crcs(loaded)
     if set(got) != set(expected_crcs):
@@ -358,7 +360,9 @@ class Spec:
         return fs
 
 
-def child_main(measures: Mapping[str, Callable[[Spec], dict[str, Any]]], argv: Sequence[str]) -> bool:
+def child_main(
+    measures: Mapping[str, Callable[[Spec], dict[str, Any]]], argv: Sequence[str]
+) -> bool:
     """Run ``--measure NAME --spec JSON`` if present in ``argv`` (True), else False."""
     if "--measure" not in argv:
         return False
@@ -448,7 +452,9 @@ class BenchServer:
     def port(self) -> int:
         return self.server.port
 
-    def spec(self, prefix: str, size_mib: int, endpoint_url: str | None = None, **extra: Any) -> dict[str, Any]:
+    def spec(
+        self, prefix: str, size_mib: int, endpoint_url: str | None = None, **extra: Any
+    ) -> dict[str, Any]:
         return {
             "endpoint_url": endpoint_url or self.server.endpoint_url,
             "access_key": self.server.access_key,
@@ -498,13 +504,22 @@ class Runner:
     verbose: bool = False
     timeout_s: float = DEFAULT_CHILD_TIMEOUT_SECS
 
-    def run(self, measure: str, spec: Mapping[str, Any], *, label: str | None = None) -> dict[str, Any]:
+    def run(
+        self, measure: str, spec: Mapping[str, Any], *, label: str | None = None
+    ) -> dict[str, Any]:
         label = label or measure
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
             result_path = Path(tmp) / "result.json"
             full_spec = {**spec, "result_path": str(result_path)}
-            cmd = [sys.executable, "-m", f"bench.{self.module}", "--measure", measure,
-                   "--spec", json.dumps(full_spec)]
+            cmd = [
+                sys.executable,
+                "-m",
+                f"bench.{self.module}",
+                "--measure",
+                measure,
+                "--spec",
+                json.dumps(full_spec),
+            ]
             env = self.server.child_env()
             profile_out = None
             if label in self.profile:
@@ -518,18 +533,38 @@ class Runner:
                     os.mkfifo(ctl)
                     os.mkfifo(ack)
                     env["BENCH_PROFILE"] = f"perf:{ctl}:{ack}"
-                    cmd = ["perf", "record", "-F", "999", "-g", "-D", "-1",
-                           "--control", f"fifo:{ctl},{ack}", "-o", str(profile_out), "--", *cmd]
+                    cmd = [
+                        "perf",
+                        "record",
+                        "-F",
+                        "999",
+                        "-g",
+                        "-D",
+                        "-1",
+                        "--control",
+                        f"fifo:{ctl},{ack}",
+                        "-o",
+                        str(profile_out),
+                        "--",
+                        *cmd,
+                    ]
             t0 = time.monotonic()
             try:
                 proc = subprocess.run(
-                    cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    timeout=self.timeout_s, check=False,
+                    cmd,
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    timeout=self.timeout_s,
+                    check=False,
                 )
                 output = proc.stdout.decode("utf-8", "replace")
                 rc = proc.returncode
             except subprocess.TimeoutExpired as e:
-                output = (e.stdout or b"").decode("utf-8", "replace") + f"\n[timed out after {self.timeout_s:.0f} s]"
+                output = (e.stdout or b"").decode(
+                    "utf-8", "replace"
+                ) + f"\n[timed out after {self.timeout_s:.0f} s]"
                 rc = -1
             elapsed = time.monotonic() - t0
             if self.verbose and output.strip():
@@ -593,6 +628,26 @@ class Summary:
         return f"{min(walls):.0f}-{max(walls):.0f}" if len(walls) > 1 else f"{walls[0]:.0f}"
 
 
+def throughput(r: Mapping[str, Any]) -> float:
+    return r["payload_bytes"] / r["wall_s"]
+
+
+def cpu_per_byte(r: Mapping[str, Any]) -> float:
+    return r["cpu_s"] / r["payload_bytes"]
+
+
+def paired_ratio(a: Summary, b: Summary, metric: Callable[[Mapping[str, Any]], float]) -> float:
+    """Median over rounds of ``metric(a's run) / metric(b's run in the same round)``.
+
+    The machine is shared: its load drifts over minutes, which moves every tool's wall time in a
+    round together. Pairing by round cancels that drift; a ratio of medians does not."""
+    by_round = {r.get("round"): r for r in b.runs}
+    vals = [
+        metric(r) / metric(by_round[r.get("round")]) for r in a.runs if r.get("round") in by_round
+    ]
+    return median(vals)
+
+
 def summarize(name: str, runs: list[dict[str, Any]], payload_key: str = "payload_bytes") -> Summary:
     good = [r for r in runs if "error" not in r]
     errors = [r["error"] for r in runs if "error" in r]
@@ -605,7 +660,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for n, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -627,8 +687,10 @@ class Targets:
             tag = "PASS" if passed else ("MISS" if passed is False else "N/A ")
             print(f"[{tag}] {name}: {detail}")
         missed = [n for n, p, _ in self.checks if not p]
-        print(f"\n{len(self.checks) - len(missed)}/{len(self.checks)} targets met"
-              + (f"; missed: {', '.join(missed)}" if missed else ""))
+        print(
+            f"\n{len(self.checks) - len(missed)}/{len(self.checks)} targets met"
+            + (f"; missed: {', '.join(missed)}" if missed else "")
+        )
         return 1 if missed else 0
 
 
@@ -647,8 +709,10 @@ def environment_note() -> str:
     import torch
 
     load = os.getloadavg()
-    return (f"# python {sys.version.split()[0]}, torch {torch.__version__}, "
-            f"{os.cpu_count()} cpus, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    return (
+        f"# python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"{os.cpu_count()} cpus, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+    )
 
 
 def check_torch_untouched() -> None:

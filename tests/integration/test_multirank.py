@@ -24,7 +24,7 @@ from cloudckpt.manifest import MANIFEST_NAME
 pytestmark = [pytest.mark.torchrun, pytest.mark.parametrize("backend", ["moto"], indirect=True)]
 
 WORKER = Path(__file__).parent / "multirank" / "worker.py"
-COMMIT_TIMEOUT_SECS = 20.0
+COMMIT_TIMEOUT_SECS = 10.0
 
 
 def run_ranks(tmp_path: Path, nproc: int, **cfg: Any) -> dict[int, dict[str, Any]]:
@@ -64,7 +64,15 @@ def proxy_for(backend: Backend) -> FaultProxy:
     return FaultProxy(endpoint.hostname or "127.0.0.1", endpoint.port or 80, seed=7).start()
 
 
-@pytest.mark.parametrize(("nproc", "mode"), [(2, "sync"), (2, "async"), (4, "sync"), (4, "async")])
+@pytest.mark.parametrize(
+    ("nproc", "mode"),
+    [
+        (2, "sync"),
+        (2, "async"),
+        pytest.param(4, "sync", marks=pytest.mark.slow),
+        pytest.param(4, "async", marks=pytest.mark.slow),
+    ],
+)
 def test_save_and_load_on_every_rank_and_from_one_process(
     backend: Backend, tmp_path: Path, nproc: int, mode: str
 ) -> None:
