@@ -326,3 +326,24 @@ def _replace_object(storage: cloudckpt.storage.Storage, url: str, data: bytes) -
 def test_manifest_name_is_stable() -> None:
     # Users and the example script look for this name; changing it breaks old checkpoints.
     assert MANIFEST_NAME == "cloudckpt.manifest.json"
+
+
+@pytest.mark.parametrize("backend", ["local", "moto"], indirect=True)
+def test_commit_hooks_and_metadata(backend: Backend) -> None:
+    calls: list[tuple[str, str, bool]] = []
+    manifest_url = backend.url("step-13", MANIFEST_NAME)
+
+    class Hook(cloudckpt.WriterHook):
+        def pre_commit(self, path: str, **kwargs: object) -> None:
+            calls.append(("pre", path, storage.exists(manifest_url)))
+
+        def post_commit(self, path: str, **kwargs: object) -> None:
+            calls.append(("post", path, storage.exists(manifest_url)))
+            assert kwargs["metadata"] == {"step": 13, "loss": 0.5}
+
+    ckpt = cloudckpt.make_sync_checkpointer(config_for(backend), commit_hook=Hook())
+    storage = ckpt._writer.storage(backend.base_url)
+    ckpt.save(backend.url("step-13"), {"w": torch.ones(2)}, metadata={"step": 13, "loss": 0.5})
+    path = backend.url("step-13").rstrip("/")
+    assert calls == [("pre", path, False), ("post", path, True)]
+    assert ckpt._reader.read_manifest(path).user_metadata == {"step": 13, "loss": 0.5}
