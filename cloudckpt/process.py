@@ -116,7 +116,7 @@ def _shared_fd(storage: torch.UntypedStorage) -> int | None:
     if storage.device.type != "cpu" or storage.nbytes() == 0:
         return None
     try:
-        return storage._get_shared_fd()
+        return storage._get_shared_fd()  # type: ignore[attr-defined]
     except RuntimeError:
         return None
 
@@ -151,7 +151,7 @@ class SegmentMaps:
             if storage is None:
                 storage = self._maps.get(key)
             if storage is None or storage.nbytes() != nbytes:
-                storage = torch.UntypedStorage._new_shared_fd_cpu(fds[i], nbytes)
+                storage = torch.UntypedStorage._new_shared_fd_cpu(fds[i], nbytes)  # type: ignore[attr-defined]
             current[key] = storage
             out.append(storage)
         self._maps = current
@@ -444,7 +444,8 @@ class CheckpointProcess:
         return response.value
 
     def close(self) -> None:
-        """Finish queued writes, stop the subprocess (killing it if it does not exit)."""
+        """Wait for the write in flight (queued ones are cancelled), then stop the subprocess,
+        killing it if it does not exit within ``subprocess_shutdown_timeout_secs``."""
         if self._closed:
             return
         self._closed = True

@@ -56,7 +56,7 @@ pytestmark = pytest.mark.gcs
 
 KiB = 1 << 10
 PART = 5 * MiB
-#: The retry policy of the brief: enough attempts that random faults never exhaust it.
+#: Enough attempts that the random faults here practically never exhaust them; tiny backoffs.
 RETRY = RetryConfig(max_attempts=10, initial_backoff_secs=0.01, max_backoff_secs=0.1)
 EMULATOR_GAP = (
     "fake-gcs-server finalizes a resumable upload when asked for its status (bytes */*) after "
