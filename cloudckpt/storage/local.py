@@ -202,13 +202,7 @@ class LocalStorage(Storage):
         scheme, rest = split_url(url)
         if scheme != "file":
             raise UnsupportedURLError(f"LocalStorage cannot serve {url!r}", url=url)
-        if os.fspath(url).startswith("file://") and not rest.startswith("/"):
-            raise UnsupportedURLError(
-                f"file URL {url!r} has a host part or a relative path",
-                url=url,
-                hint="use file:///absolute/path",
-            )
-        return os.path.abspath(rest)
+        return rest
 
     @staticmethod
     def _url(path: str, like: str) -> str:

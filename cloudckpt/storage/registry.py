@@ -37,6 +37,12 @@ def split_url(url: str) -> tuple[str, str]:
         )
     rest = url[len(scheme) + 3 :]
     if scheme == "file":
+        if not rest.startswith("/"):
+            raise UnsupportedURLError(
+                f"file URL {url!r} has a host part or a relative path",
+                url=url,
+                hint="use file:///absolute/path or a plain path",
+            )
         return "file", os.path.abspath(rest)
     return scheme, rest
 
