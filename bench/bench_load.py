@@ -39,6 +39,7 @@ import argparse
 import io
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -52,6 +53,8 @@ from bench.common import (
     Spec,
     Targets,
     add_common_args,
+    add_patch_arg,
+    apply_patch,
     check_loaded,
     check_torch_untouched,
     child_main,
@@ -187,6 +190,7 @@ def _verify(spec: Spec, loaded: Any, scalars: bool = True) -> str | None:
 def m_cloudckpt(spec: Spec) -> dict[str, Any]:
     from cloudckpt import CheckpointerConfig, DownloadConfig, make_sync_checkpointer
 
+    apply_patch(spec)
     download = DownloadConfig(**spec.get("download", {}))
     ckpt = make_sync_checkpointer(
         CheckpointerConfig(storage_options=spec.storage_options, download_config=download)
@@ -373,6 +377,7 @@ def main(argv: list[str]) -> int:
     )
     add_common_args(p, default_rounds=5)
     p.add_argument("--partial-rounds", type=int, default=2)
+    add_patch_arg(p)
     p.add_argument(
         "--experiments",
         action="store_true",
@@ -423,6 +428,11 @@ def main(argv: list[str]) -> int:
         entries = {t: (t, {}) for t in tools}
         if args.experiments:
             entries.update(EXPERIMENTS)
+        if args.patch:
+            entries["exp:cloudckpt+patch"] = (
+                "cloudckpt",
+                {"patch": str(Path(args.patch).resolve())},
+            )
         results: dict[str, list[dict[str, Any]]] = {t: [] for t in entries}
         for rnd in range(args.rounds):
             for label, (measure, extra) in entries.items():

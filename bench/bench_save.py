@@ -35,6 +35,7 @@ import argparse
 import io
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -47,6 +48,8 @@ from bench.common import (
     Spec,
     Targets,
     add_common_args,
+    add_patch_arg,
+    apply_patch,
     check_torch_untouched,
     child_main,
     counting_proxy,
@@ -95,6 +98,7 @@ def m_cloudckpt(spec: Spec) -> dict[str, Any]:
 
     from cloudckpt import CheckpointerConfig, UploadConfig, make_sync_checkpointer
 
+    apply_patch(spec)
     sd = make_state_dict(spec.size_mib)
     upload = UploadConfig(**spec.get("upload", {}))
     options = {**spec.storage_options, **spec.get("extra_storage_options", {})}
@@ -223,6 +227,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--shaped-size-mib", type=int, default=256)
     p.add_argument("--shaped-rounds", type=int, default=1)
     p.add_argument("--no-shaped", action="store_true", help="skip the shaping-proxy figure")
+    add_patch_arg(p)
     p.add_argument(
         "--experiments",
         action="store_true",
@@ -253,6 +258,12 @@ def main(argv: list[str]) -> int:
         if args.experiments:
             entries.update(EXPERIMENTS)
             refs = refs + list(EXPERIMENTS)
+        if args.patch:
+            entries["exp:cloudckpt+patch"] = (
+                "cloudckpt",
+                {"patch": str(Path(args.patch).resolve())},
+            )
+            refs = [*refs, "exp:cloudckpt+patch"]
         results: dict[str, list[dict[str, Any]]] = {t: [] for t in entries}
         for rnd in range(args.rounds):
             for tool, (measure, extra) in entries.items():

@@ -705,6 +705,23 @@ def add_common_args(p: argparse.ArgumentParser, *, default_rounds: int) -> None:
     p.add_argument("--verbose", action="store_true", help="print every child's output")
 
 
+def add_patch_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--patch",
+        default="",
+        help="A/B a candidate change without touching the tree: a Python file run (runpy) in "
+        "the child before cloudckpt is used; adds the row exp:cloudckpt+patch",
+    )
+
+
+def apply_patch(spec: Spec) -> None:
+    """Child side of ``--patch``: run the file (it monkeypatches cloudckpt) if the row asks."""
+    if spec.get("patch"):
+        import runpy
+
+        runpy.run_path(spec["patch"])
+
+
 def environment_note() -> str:
     import torch
 

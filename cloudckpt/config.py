@@ -6,6 +6,7 @@ before any I/O. All of them are picklable: they travel to the async writer subpr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,9 +39,40 @@ def default_staging_config() -> CheckpointStagerConfig:
     )
 
 
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
+def _number(name: str, value: object) -> float:
+    """``value`` as a finite real number (bools, NaN and infinities are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _positive(name: str, value: object) -> None:
+    if _number(name, value) <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _non_negative(name: str, value: object) -> None:
+    if _number(name, value) < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def _int_at_least(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _instance(name: str, value: object, cls: type) -> None:
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +92,9 @@ class UploadConfig:
     send_checksums: bool = True
 
     def __post_init__(self) -> None:
+        _int_at_least("part_size_bytes", self.part_size_bytes, 1)
+        _int_at_least("max_concurrency", self.max_concurrency, 1)
+        _flag("send_checksums", self.send_checksums)
         if not S3_MIN_PART_SIZE_BYTES <= self.part_size_bytes <= S3_MAX_PART_SIZE_BYTES:
             raise ValueError(
                 f"part_size_bytes must be within [{S3_MIN_PART_SIZE_BYTES}, "
@@ -85,10 +120,10 @@ class DownloadConfig:
     verify_checksums: bool = True
 
     def __post_init__(self) -> None:
-        _positive("range_size_bytes", self.range_size_bytes)
-        _positive("max_concurrency", self.max_concurrency)
-        if self.coalesce_gap_bytes < 0:
-            raise ValueError(f"coalesce_gap_bytes must be >= 0, got {self.coalesce_gap_bytes}")
+        _int_at_least("range_size_bytes", self.range_size_bytes, 1)
+        _int_at_least("max_concurrency", self.max_concurrency, 1)
+        _int_at_least("coalesce_gap_bytes", self.coalesce_gap_bytes, 0)
+        _flag("verify_checksums", self.verify_checksums)
 
 
 @dataclass(frozen=True)
@@ -111,11 +146,9 @@ class RetryConfig:
     request_timeout_secs: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        for name in ("initial_backoff_secs", "max_backoff_secs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        _int_at_least("max_attempts", self.max_attempts, 1)
+        _non_negative("initial_backoff_secs", self.initial_backoff_secs)
+        _non_negative("max_backoff_secs", self.max_backoff_secs)
         if self.deadline_secs is not None:
             _positive("deadline_secs", self.deadline_secs)
         _positive("request_timeout_secs", self.request_timeout_secs)
@@ -139,6 +172,9 @@ class StorageConfig:
             raise TypeError(
                 f"storage_options must be a mapping, got {type(self.storage_options).__name__}"
             )
+        _instance("upload", self.upload, UploadConfig)
+        _instance("download", self.download, DownloadConfig)
+        _instance("retry", self.retry, RetryConfig)
 
 
 @dataclass(frozen=True)
@@ -160,6 +196,7 @@ class CheckpointWriterConfig:
 
     def __post_init__(self) -> None:
         _positive("write_barrier_timeout_secs", self.write_barrier_timeout_secs)
+        _flag("overwrite", self.overwrite)
         _positive("commit_timeout_secs", self.commit_timeout_secs)
         _positive("poll_interval_secs", self.poll_interval_secs)
 
@@ -171,9 +208,17 @@ class CheckpointReaderConfig:
     Attributes:
         allow_unmanifested: also read checkpoints without a manifest (written by upstream
             torch), through a slower whole-object path.
+        weights_only: unpickle with torch's weights-only allow-list, as ``torch.load`` does by
+            default. Turn off only for checkpoints from a trusted source that hold other
+            Python objects (unpickling can run arbitrary code).
     """
 
     allow_unmanifested: bool = False
+    weights_only: bool = True
+
+    def __post_init__(self) -> None:
+        _flag("allow_unmanifested", self.allow_unmanifested)
+        _flag("weights_only", self.weights_only)
 
 
 @dataclass(frozen=True)
@@ -205,6 +250,17 @@ class CheckpointerConfig:
             raise TypeError(
                 f"storage_options must be a mapping, got {type(self.storage_options).__name__}"
             )
+        for name, cls in (
+            ("writer_config", CheckpointWriterConfig),
+            ("reader_config", CheckpointReaderConfig),
+            ("barrier_config", BarrierConfig),
+            ("staging_config", CheckpointStagerConfig),
+            ("process_config", CheckpointProcessConfig),
+            ("upload_config", UploadConfig),
+            ("download_config", DownloadConfig),
+            ("retry_config", RetryConfig),
+        ):
+            _instance(name, getattr(self, name), cls)
         self.storage_config()
 
     def storage_config(self) -> StorageConfig:

@@ -9,6 +9,7 @@ its CRC32C, which is what ranged, verified, partial loads need.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import sys
@@ -88,10 +89,11 @@ class RankLayout:
     tensors: tuple[TensorSpec, ...]
 
     def storage(self, key: str) -> StorageSpan:
-        for s in self.storages:
-            if s.key == key:
-                return s
-        raise KeyError(key)
+        return self._storages_by_key[key]
+
+    @functools.cached_property
+    def _storages_by_key(self) -> dict[str, StorageSpan]:
+        return {s.key: s for s in self.storages}
 
 
 def key_path_name(path: tuple[str | int, ...]) -> str:
@@ -339,6 +341,9 @@ def estimate_size_bytes(obj: Any) -> int:
     seen: set[int] = set()
     total = 0
     for _, t in iter_tensors(obj):
+        if t.layout != torch.strided:
+            total += t.element_size() * t._nnz() * 2 if t.is_sparse else 0
+            continue
         st = t.untyped_storage()
         if st._cdata not in seen:
             seen.add(st._cdata)

@@ -192,9 +192,16 @@ def rank_entry_to_dict(entry: RankEntry) -> dict[str, Any]:
 
 
 def rank_entry_from_dict(doc: dict[str, Any]) -> RankEntry:
+    rank = int(doc["rank"])
+    object_name = str(doc["object"])
+    if object_name != rank_object_name(rank):
+        # Never follow a name out of the checkpoint (``../x``): the layout is fixed.
+        raise ValueError(
+            f"rank {rank}'s object is named {object_name!r}, expected {rank_object_name(rank)!r}"
+        )
     return RankEntry(
-        rank=int(doc["rank"]),
-        object_name=str(doc["object"]),
+        rank=rank,
+        object_name=object_name,
         version=doc.get("version"),
         layout=layout_from_dict(doc),
     )

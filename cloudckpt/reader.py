@@ -213,15 +213,9 @@ class CheckpointReader(UpstreamCheckpointReader):
                 hint="the object is corrupt; restore an older step",
             )
 
-        def fetch_storages(
-            keys: list[str], into: dict[str, torch.Tensor] | None = None
-        ) -> dict[str, torch.UntypedStorage]:
-            """Fetch and verify storages; those in ``into`` land directly in that tensor."""
-            into = into or {}
-            out = {
-                k: into[k] if k in into else torch.empty(layout.storage(k).nbytes, dtype=torch.uint8)
-                for k in keys
-            }
+        def fetch_storages(keys: list[str]) -> dict[str, torch.UntypedStorage]:
+            """Fetch storages straight into new memory, then verify them."""
+            out = {k: torch.empty(layout.storage(k).nbytes, dtype=torch.uint8) for k in keys}
             reads = [RangeRead(layout.storage(k).offset, tensor_memoryview(t)) for k, t in out.items()]
             self.last_bytes_fetched += fetch(
                 storage, obj_url, reads, self._storage_config.download, version=version
@@ -234,11 +228,19 @@ class CheckpointReader(UpstreamCheckpointReader):
         is_meta = _is_meta(map_location)
         if state_dict is None:
             storages = {} if is_meta else fetch_storages([s.key for s in layout.storages])
-            return _unpickle(pickle_bytes, layout, storages, map_location, obj_url), []
+            return _unpickle(
+                pickle_bytes, layout, storages, map_location, obj_url, self._config.weights_only
+            ), []
 
-        source = _unpickle(pickle_bytes, layout, {}, "meta", obj_url)
+        weights_only = self._config.weights_only
+        source = _unpickle(pickle_bytes, layout, {}, "meta", obj_url, weights_only)
+
+        def load_whole() -> Any:
+            storages = fetch_storages([s.key for s in layout.storages])
+            return _unpickle(pickle_bytes, layout, storages, "cpu", obj_url, weights_only)
+
         return _PartialRead(
-            source, layout, fetch_storages, map_location, obj_url, entry.rank, is_meta
+            source, layout, fetch_storages, map_location, obj_url, entry.rank, is_meta, load_whole
         ).run(state_dict)
 
     def _read_unmanifested(
@@ -257,7 +259,9 @@ class CheckpointReader(UpstreamCheckpointReader):
                 rank=rank,
             ) from e
         logger.warning("reading %s without a manifest: no checksums, whole-object read", obj_url)
-        loaded = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        loaded = torch.load(
+            io.BytesIO(data), map_location=map_location, weights_only=self._config.weights_only
+        )
         if state_dict is None:
             return loaded, []
         missing: list[str] = []
@@ -294,18 +298,20 @@ def _unpickle(
     storages: dict[str, Any],
     map_location: Any,
     obj_url: str,
+    weights_only: bool = True,
 ) -> Any:
     zip_reader = _FetchedZip(pickle_bytes, layout, storages)
     try:
         return _torch_zip_load(
-            zip_reader, map_location, _weights_only_unpickler, encoding="utf-8"
+            zip_reader, map_location, _weights_only_unpickler if weights_only else pickle,
+            encoding="utf-8",
         )
     except pickle.UnpicklingError as e:
-        raise CorruptCheckpointError(
-            f"cannot unpickle {obj_url}: {e}",
+        raise CheckpointError(
+            f"{obj_url} holds Python objects that weights-only loading refuses: {e}",
             url=obj_url,
-            hint="it holds objects outside torch's weights_only allow-list; load it with "
-            "torch.load(..., weights_only=False) if you trust its source",
+            hint="if you trust the checkpoint's source, load it with "
+            "CheckpointReaderConfig(weights_only=False)",
         ) from e
 
 
@@ -317,13 +323,12 @@ class _PartialRead:
         self,
         source: Any,
         layout: RankLayout,
-        fetch_storages: Callable[
-            [list[str], dict[str, torch.Tensor]], dict[str, torch.UntypedStorage]
-        ],
+        fetch_storages: Callable[[list[str]], dict[str, torch.UntypedStorage]],
         map_location: Any,
         obj_url: str,
         rank: int,
         is_meta: bool,
+        load_whole: Callable[[], Any],
     ) -> None:
         self._source = source
         self._by_offset = {s.offset: s for s in layout.storages}
@@ -333,29 +338,31 @@ class _PartialRead:
         self._rank = rank
         self._is_meta = is_meta
         self.missing: list[str] = []
-        self._direct: set[int] = set()
+        self._load_whole = load_whole
+        self._whole_value: Any = None
 
     def run(self, state_dict: STATE_DICT) -> tuple[STATE_DICT, list[str]]:
         # Pass 1: walk, check types/shapes, collect the tensors wanted. Pass 2: fetch them all
         # at once (one parallel plan), then fill.
-        placeholders: dict[int, tuple[torch.Tensor | None, torch.Tensor, str]] = {}
+        placeholders: dict[int, tuple[torch.Tensor | None, torch.Tensor, str, tuple[Any, ...]]] = {}
         result = self._walk(state_dict, self._source, "", placeholders)
         if self._is_meta:
             return self._fill(result, placeholders, {}), self.missing
-        spans = {k: self._span_of(src, name) for k, (_, src, name) in placeholders.items()}
-        users: dict[str, int] = {}
-        for span in spans.values():
-            users[span.key] = users.get(span.key, 0) + 1
-        # A target tensor that is exactly its storage's bytes receives them directly: no
-        # intermediate buffer, no second copy.
-        into = {
-            spans[k].key: target
-            for k, (target, src, _) in placeholders.items()
-            if target is not None and users[spans[k].key] == 1 and _fills_storage(target, src, spans[k])
+        spans = {
+            k: self._span_of(src, name)
+            for k, (_, src, name, _) in placeholders.items()
+            if src.layout == torch.strided
         }
-        self._direct = {id(t) for t in into.values()}
-        fetched = self._fetch_storages(sorted(users), into)
+        # Caller-owned tensors are written only after every byte was fetched and verified:
+        # a failed load leaves the target state dict exactly as it was.
+        fetched = self._fetch_storages(sorted({span.key for span in spans.values()}))
         return self._fill(result, placeholders, fetched), self.missing
+
+    def _whole(self) -> Any:
+        """The fully unpickled rank object, for values that cannot be fetched by range."""
+        if self._whole_value is None:
+            self._whole_value = self._load_whole()
+        return self._whole_value
 
     def _span_of(self, src: torch.Tensor, name: str) -> StorageSpan:
         offset = src.untyped_storage()._checkpoint_offset
@@ -368,7 +375,16 @@ class _PartialRead:
             )
         return span
 
-    def _walk(self, target: Any, source: Any, key_path: str, ph: dict[int, Any]) -> Any:
+    def _walk(
+        self,
+        target: Any,
+        source: Any,
+        key_path: str,
+        ph: dict[int, Any],
+        keys: tuple[Any, ...] = (),
+    ) -> Any:
+        """Pass 1: check ``target`` against ``source`` and return a plan; mutates nothing, so a
+        mismatch or a failed fetch leaves the caller's state dict as it was."""
         if target is not None and not _same_kind(target, source):
             raise StateDictMismatchError(
                 f"key {key_path} is a {type(target).__name__} in the target state dict but a "
@@ -386,38 +402,43 @@ class _PartialRead:
                     hint="the model's architecture differs from the one that was saved",
                 )
             key = len(ph)
-            ph[key] = (target, source, key_path)
+            ph[key] = (target, source, key_path, keys)
             return _Placeholder(key)
         if isinstance(source, dict):
-            if target is None:
-                target = type(source).fromkeys(source.keys())  # keeps OrderedDict an OrderedDict
-            for key in list(target.keys()):
+            container = type(source).fromkeys(source) if target is None else target
+            items = []
+            for key in list(container.keys()):
                 path = f"{key_path}.{key}" if key_path else str(key)
                 if key in source:
-                    target[key] = self._walk(target[key], source[key], path, ph)
+                    sub = self._walk(container[key], source[key], path, ph, (*keys, key))
+                    items.append((key, sub))
                 else:
                     self.missing.append(path)
-            return target
+            return _DictPlan(container, items)
         if isinstance(source, list | tuple):
-            if target is None:
-                target = [None] * len(source)
-            out = []
-            for i, (t, s) in enumerate(zip_longest(target, source, fillvalue=None)):
-                out.append(self._walk(t, s, f"{key_path}[{i}]" if key_path else f"[{i}]", ph))
-            return tuple(out) if isinstance(source, tuple) else out
+            targets = [None] * len(source) if target is None else list(target)
+            subs = [
+                self._walk(t, s, f"{key_path}[{i}]" if key_path else f"[{i}]", ph, (*keys, i))
+                for i, (t, s) in enumerate(zip_longest(targets, source, fillvalue=None))
+            ]
+            return _SeqPlan(type(source), subs)
         return source
 
     def _fill(self, obj: Any, ph: dict[int, Any], fetched: dict[str, torch.UntypedStorage]) -> Any:
+        """Pass 2: build the result, writing into the caller's containers and tensors."""
         if isinstance(obj, _Placeholder):
-            target, src, name = ph[obj.key]
+            target, src, name, keys = ph[obj.key]
             if self._is_meta:
+                if src.layout != torch.strided:
+                    return src
                 return torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device="meta")
-            if target is not None and id(target) in self._direct:
-                return target  # its bytes were read straight into it
-            storage = fetched[self._span_of(src, name).key]
-            value = torch.empty(0, dtype=src.dtype).set_(
-                storage, src.storage_offset(), src.shape, src.stride()
-            )
+            if src.layout != torch.strided:
+                value = _dig(self._whole(), keys)  # sparse & co: from a full unpickle
+            else:
+                storage = fetched[self._span_of(src, name).key]
+                value = torch.empty(0, dtype=src.dtype).set_(
+                    storage, src.storage_offset(), src.shape, src.stride()
+                )
             if target is None:
                 if self._map_location not in (None, "cpu"):
                     value = _relocate(value, self._map_location)
@@ -425,13 +446,39 @@ class _PartialRead:
             with torch.no_grad():
                 target.copy_(value)
             return target
-        if isinstance(obj, dict):
-            for k in list(obj.keys()):
-                obj[k] = self._fill(obj[k], ph, fetched)
-            return obj
-        if isinstance(obj, list | tuple):
-            return type(obj)(self._fill(v, ph, fetched) for v in obj)
+        if isinstance(obj, _DictPlan):
+            for k, sub in obj.items:
+                obj.container[k] = self._fill(sub, ph, fetched)
+            return obj.container
+        if isinstance(obj, _SeqPlan):
+            return obj.kind(self._fill(v, ph, fetched) for v in obj.items)
         return obj
+
+
+class _DictPlan:
+    """A dict to fill: the caller's (or a new one of the checkpoint's type) and its entries."""
+
+    __slots__ = ("container", "items")
+
+    def __init__(self, container: Any, items: list[tuple[Any, Any]]) -> None:
+        self.container = container
+        self.items = items
+
+
+class _SeqPlan:
+    """A list or tuple to rebuild from its entries' plans."""
+
+    __slots__ = ("items", "kind")
+
+    def __init__(self, kind: type, items: list[Any]) -> None:
+        self.kind = kind
+        self.items = items
+
+
+def _dig(obj: Any, keys: tuple[Any, ...]) -> Any:
+    for k in keys:
+        obj = obj[k]
+    return obj
 
 
 def _same_kind(target: Any, source: Any) -> bool:
@@ -441,18 +488,6 @@ def _same_kind(target: Any, source: Any) -> bool:
         if isinstance(source, kind):
             return isinstance(target, kind)
     return isinstance(target, type(source))
-
-
-def _fills_storage(target: torch.Tensor, src: torch.Tensor, span: StorageSpan) -> bool:
-    """Whether ``src`` is its whole storage, contiguous, and ``target`` plain CPU memory."""
-    return (
-        target.device.type == "cpu"
-        and target.is_contiguous()
-        and src.is_contiguous()
-        and src.storage_offset() == 0
-        and src.numel() * src.element_size() == span.nbytes
-        and type(target) in (torch.Tensor, torch.nn.Parameter)
-    )
 
 
 class _Placeholder:

@@ -29,6 +29,14 @@ def split_url(url: str) -> tuple[str, str]:
     if not url:
         raise UnsupportedURLError("empty checkpoint path", hint="pass s3://bucket/prefix or a dir")
     if "://" not in url:  # a local path, even with a colon in a name ("my:dir")
+        head, sep, tail = url.partition(":")
+        if sep and head.lower() in _BACKENDS and tail.startswith("/"):
+            raise UnsupportedURLError(
+                f"malformed URL {url!r}",
+                url=url,
+                hint=f"write {head}://{tail.lstrip('/')} (two slashes); a local path starting "
+                f"with '{head}:' can be given as ./{url}",
+            )
         return "file", os.path.abspath(url)
     scheme = urlsplit(url).scheme.lower()
     if not scheme or not url.lower().startswith(f"{scheme}://"):
@@ -36,6 +44,18 @@ def split_url(url: str) -> tuple[str, str]:
             f"malformed URL {url!r}", url=url, hint="write it as scheme://bucket/prefix"
         )
     rest = url[len(scheme) + 3 :]
+    if scheme in _BUCKET_SCHEMES:
+        segments = rest.rstrip("/").split("/")
+        if not segments[0]:
+            raise UnsupportedURLError(
+                f"URL {url!r} names no bucket", url=url, hint=f"write {scheme}://bucket/prefix"
+            )
+        if any(seg in (".", "..") for seg in segments[1:]):
+            raise UnsupportedURLError(
+                f"URL {url!r} has '.' or '..' segments, which object stores keep literally",
+                url=url,
+                hint="write the resolved path",
+            )
     if scheme == "file":
         if not rest.startswith("/"):
             raise UnsupportedURLError(
@@ -63,6 +83,9 @@ def join_url(base: str, *names: str) -> str:
             out = f"{out}/{name.strip('/')}"
     return out
 
+
+# Schemes whose URLs start with a bucket name.
+_BUCKET_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs"})
 
 # Schemes whose data lives inside one process (an async writer subprocess cannot share it).
 _PROCESS_LOCAL_SCHEMES = frozenset({"memory"})

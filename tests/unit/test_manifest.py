@@ -210,7 +210,7 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("unknown checksum", _set(("checksum_algorithm",), "md5"), "md5"),
     ("more ranks than world", _set(("world_size",), 1), "world size 1"),
     ("fewer ranks than world", _set(("world_size",), 3), "world size 3"),
-    ("duplicate rank", _duplicate_rank, "world size 2"),
+    ("duplicate rank", _duplicate_rank, "rank 0"),
     ("storage past the end", _storage_past_the_end, "outside"),
     ("pickle past the end", _pickle_past_the_end, "outside"),
     ("negative offset", _negative_offset, "outside"),
