@@ -34,8 +34,10 @@ instead: correct, but neither reused nor shared with the subprocess.
 from __future__ import annotations
 
 import copy
+import errno
 import gc
 import logging
+import resource
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +47,7 @@ from typing import Any
 import torch
 
 from ._upstream import STATE_DICT, CheckpointStager, CheckpointStagerConfig
+from .errors import SaveFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -228,13 +231,28 @@ class CloudStager(CheckpointStager):
         for b in self._buffers:
             free[b.nbytes].append(b)
         chosen: list[_Buffer] = []
+        fresh: list[_Buffer] = []
         new_bytes = 0
-        for n in sizes:
-            if free[n]:
-                chosen.append(free[n].pop(0))
-            else:
-                chosen.append(self._allocate(n))
-                new_bytes += n
+        try:
+            for n in sizes:
+                if free[n]:
+                    chosen.append(free[n].pop(0))
+                else:
+                    fresh.append(self._allocate(n))
+                    chosen.append(fresh[-1])
+                    new_bytes += n
+        except OSError as e:
+            self._release(fresh)
+            chosen.clear()
+            if e.errno != errno.EMFILE:
+                raise
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            raise SaveFailedError(
+                f"staging {len(sizes)} tensor storages needs one open file each, more than the "
+                f"open-file limit allows (ulimit -n = {limit})",
+                hint="raise the limit (ulimit -n / resource.setrlimit) or save fewer, larger "
+                "tensors; nothing was saved",
+            ) from None
         leftovers = [b for group in free.values() for b in group]
         logger.info(
             "state dict layout changed: %d staging buffers, %d new (%d bytes), %d released",

@@ -144,14 +144,8 @@ class CheckpointWriter(UpstreamCheckpointWriter):
         try:
             if self._config.overwrite:
                 storage.delete([manifest_url])
-            elif storage.exists(manifest_url):
-                raise CommitConflictError(
-                    f"a committed checkpoint already exists at {url}",
-                    url=url,
-                    rank=rank,
-                    hint="save to a new path (e.g. per step) or set "
-                    "CheckpointWriterConfig(overwrite=True)",
-                )
+            else:
+                self._refuse_if_committed(storage, url)
             entry, metrics = self._upload_rank_object(storage, url, state_dict)
             storage.put_bytes(
                 rank_record_url(url, save_id, rank),
@@ -193,6 +187,16 @@ class CheckpointWriter(UpstreamCheckpointWriter):
             metrics.retries,
         )
 
+    def _refuse_if_committed(self, storage: Storage, url: str) -> None:
+        if storage.exists(join_url(url, MANIFEST_NAME)):
+            raise CommitConflictError(
+                f"a committed checkpoint already exists at {url}",
+                url=url,
+                rank=self._rank_info.global_rank,
+                hint="save to a new path (e.g. per step) or set "
+                "CheckpointWriterConfig(overwrite=True)",
+            )
+
     def _next_save_id(self) -> str:
         self._save_seq += 1
         return f"{self._run_id}-{self._save_seq}"
@@ -206,6 +210,10 @@ class CheckpointWriter(UpstreamCheckpointWriter):
         upload = storage.open_upload(obj_url, size_hint_bytes=estimate_size_bytes(state_dict))
         try:
             layout = serialize(state_dict, upload)
+            if not self._config.overwrite:
+                # Another job may have committed here while we serialized: publishing our
+                # object now would corrupt its checkpoint. (The window left is this check.)
+                self._refuse_if_committed(storage, url)
             info = upload.commit()
         except BaseException:
             upload.abort()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import CheckpointerConfig, StorageConfig
-from ..errors import CorruptCheckpointError
+from ..errors import CloudCkptError, CorruptCheckpointError
 from ..format import key_path_name
 from ..manager import (
     CheckpointInfo,
@@ -284,6 +284,10 @@ def _restore_to_torch(args: argparse.Namespace, ctx: Context) -> int:
     finally:
         reader.close()
     path = os.path.abspath(args.to_torch)
+    if os.path.exists(path) and not args.overwrite:
+        raise CloudCkptError(
+            f"{path} already exists", hint="pass --overwrite to replace it, or pick another file"
+        )
     temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         torch.save(data, temp)
