@@ -390,6 +390,11 @@ class CheckpointManager:
         for ckpt in self.list():
             if ckpt.committed:
                 continue
+            if ckpt.manifest is not None or (ckpt.problem or "").startswith("invalid manifest"):
+                # Committed once, damaged since (a rank object missing or resized, a corrupt
+                # manifest): keep what is left for inspection; delete it on purpose.
+                logger.warning("gc: keeping damaged checkpoint %s (%s)", ckpt.url, ckpt.problem)
+                continue
             newest = max(
                 (t for t in (ckpt.newest_object_secs, activity.get(ckpt.name)) if t is not None),
                 default=None,

@@ -380,3 +380,18 @@ def test_verify_reports_every_problem(
     with pytest.raises(cloudckpt.CheckpointNotFoundError, match="no committed checkpoint"):
         manager.verify("never-saved")
     manager.close()
+
+
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_gc_keeps_a_damaged_committed_checkpoint(backend: Backend) -> None:
+    ckpt = cloudckpt.make_sync_checkpointer(
+        cloudckpt.CheckpointerConfig(storage_options=backend.storage_options)
+    )
+    ckpt.save(backend.url("run", "step-1"), {"w": torch.ones(4)})
+    ckpt.save(backend.url("run", "step-2"), {"w": torch.ones(4)})
+    storage = ckpt._writer.storage(backend.base_url)
+    storage.delete([backend.url("run", "step-2", "checkpoint_0.pt")])  # damaged after commit
+    manager = cloudckpt.CheckpointManager(backend.url("run"))
+    report = manager.gc(older_than_secs=0)
+    assert report.deleted_checkpoints == []
+    assert storage.exists(backend.url("run", "step-2", "cloudckpt.manifest.json"))
