@@ -722,13 +722,35 @@ def apply_patch(spec: Spec) -> None:
         runpy.run_path(spec["patch"])
 
 
+def tree_fingerprint() -> str:
+    """HEAD and a hash of cloudckpt/*.py as they are now: other people edit the tree while a
+    bench runs, and every measurement imports the code afresh."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "cloudckpt").rglob("*.py")):
+        h.update(path.read_bytes())
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        head = "?"
+    return f"HEAD {head or '?'}, cloudckpt/*.py sha256 {h.hexdigest()[:12]}"
+
+
 def environment_note() -> str:
     import torch
 
     load = os.getloadavg()
     return (
         f"# python {sys.version.split()[0]}, torch {torch.__version__}, "
-        f"{os.cpu_count()} cpus, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+        f"{os.cpu_count()} cpus, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
+        f"{tree_fingerprint()}"
     )
 
 

@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import multiprocessing.util
 import os
 import shutil
 import signal
@@ -478,6 +479,9 @@ class _TempdirOverride:
 
     @classmethod
     def push(cls, path: str) -> None:
+        # multiprocessing makes its own temp dir lazily, once per process, under tempfile's;
+        # create it now, in the real temp dir, so it does not vanish with our scratch dir.
+        multiprocessing.util.get_temp_dir()
         with cls._lock:
             if not cls._stack:
                 cls._original = tempfile.tempdir
