@@ -59,6 +59,7 @@ from bench.common import (
     check_loaded,
     check_torch_untouched,
     child_main,
+    cloudckpt_hash,
     counting_proxy,
     cpu_per_byte,
     environment_note,
@@ -71,7 +72,6 @@ from bench.common import (
     tensor_bytes,
     tensor_crcs,
     throughput,
-    tree_fingerprint,
     write_json,
 )
 
@@ -393,7 +393,7 @@ def main(argv: list[str]) -> int:
         return report_saved(args.from_json)
     check_torch_untouched()
     print(environment_note())
-    tree_at_start = tree_fingerprint()
+    tree_at_start = cloudckpt_hash()
 
     from bench.bench_save import s3tc_unavailable
 
@@ -501,7 +501,7 @@ def main(argv: list[str]) -> int:
 
     write_json(args.json, raw)
     print(environment_note())
-    if tree_fingerprint() != tree_at_start:
+    if cloudckpt_hash() != tree_at_start:
         print("# WARNING: cloudckpt/ changed during this run: rounds may mix code versions")
     return report(args, tools, excluded, results, count, partial, prep, list(entries))
 

@@ -53,6 +53,7 @@ from bench.common import (
     apply_patch,
     check_torch_untouched,
     child_main,
+    cloudckpt_hash,
     counting_proxy,
     cpu_per_byte,
     environment_note,
@@ -65,7 +66,6 @@ from bench.common import (
     summarize,
     tensor_bytes,
     throughput,
-    tree_fingerprint,
     write_json,
 )
 
@@ -243,7 +243,7 @@ def main(argv: list[str]) -> int:
         return report_saved(args.from_json)
     check_torch_untouched()
     print(environment_note())
-    tree_at_start = tree_fingerprint()
+    tree_at_start = cloudckpt_hash()
 
     tools = [t for t in TOOLS if not args.only or t in args.only.split(",")]
     excluded: dict[str, str] = {}
@@ -320,7 +320,7 @@ def main(argv: list[str]) -> int:
 
     write_json(args.json, raw)
     print(environment_note())
-    if tree_fingerprint() != tree_at_start:
+    if cloudckpt_hash() != tree_at_start:
         print("# WARNING: cloudckpt/ changed during this run: rounds may mix code versions")
     return report(args, tools, refs, excluded, results, count, shaped)
 
@@ -362,6 +362,20 @@ def run_shaped(
         shaped_proxy.stop()
         plain_proxy.stop()
     return out
+
+
+def ideal_shaped_ratio(nbytes: int, part_size: int, concurrency: int) -> float:
+    """c1 time / c8 time when every connection moves exactly the capped rate: the parts go out
+    in waves of ``concurrency``, so a short last wave (e.g. 9 parts on 8 lanes) caps the ratio
+    below ``concurrency``."""
+    parts = [part_size] * (nbytes // part_size) + (
+        [nbytes % part_size] if nbytes % part_size else []
+    )
+    lanes = [0] * concurrency
+    for p in parts:  # each part starts on the lane that frees first
+        i = lanes.index(min(lanes))
+        lanes[i] += p
+    return sum(parts) / max(lanes)
 
 
 def report_saved(path: str) -> int:
@@ -527,14 +541,13 @@ def report(
         print(format_table(["run", "MiB/s", "wall s", "CPU s/GiB", "proxy CPU (cores)"], rows))
         if c8.ok and c1.ok:
             ratio = paired_ratio(c8, c1, throughput)
+            best_ratio = ideal_shaped_ratio(c8.payload_bytes, PART_SIZE, CONCURRENCY)
             targets.check(
                 "shaped (10 MiB/s per connection) save: concurrency 8 >= 5x concurrency 1",
                 ratio >= 5.0,
-                f"{ratio:.2f}x ({c8.mib_s:.1f} vs {c1.mib_s:.1f} MiB/s; "
-                f"ideal 8x = {8 * SHAPED_BANDWIDTH / MiB:.0f} MiB/s, unshaped through the "
-                f"proxy {un.mib_s:.1f} MiB/s)"
-                if un.ok
-                else f"{ratio:.2f}x",
+                f"{ratio:.2f}x ({c8.mib_s:.1f} vs {c1.mib_s:.1f} MiB/s; the most these parts "
+                f"allow at 10 MiB/s per connection: {best_ratio:.2f}x"
+                + (f"; unshaped through the proxy {un.mib_s:.1f} MiB/s)" if un.ok else ")"),
             )
         else:
             targets.check("shaped save c8 >= 5x c1", None, "a shaped run failed")

@@ -722,14 +722,19 @@ def apply_patch(spec: Spec) -> None:
         runpy.run_path(spec["patch"])
 
 
-def tree_fingerprint() -> str:
-    """HEAD and a hash of cloudckpt/*.py as they are now: other people edit the tree while a
-    bench runs, and every measurement imports the code afresh."""
+def cloudckpt_hash() -> str:
+    """A hash of cloudckpt/*.py as they are now: other people edit the tree while a bench runs,
+    and every measurement imports the code afresh."""
     import hashlib
 
     h = hashlib.sha256()
     for path in sorted((REPO_ROOT / "cloudckpt").rglob("*.py")):
         h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def tree_fingerprint() -> str:
+    """HEAD and :func:`cloudckpt_hash`."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -740,7 +745,7 @@ def tree_fingerprint() -> str:
         ).stdout.strip()
     except OSError:
         head = "?"
-    return f"HEAD {head or '?'}, cloudckpt/*.py sha256 {h.hexdigest()[:12]}"
+    return f"HEAD {head or '?'}, cloudckpt/*.py sha256 {cloudckpt_hash()}"
 
 
 def environment_note() -> str:

@@ -86,7 +86,7 @@ def test_async_save_to_memory_is_refused_with_a_reason() -> None:
         ckpt.close()
 
 
-@pytest.mark.parametrize("backend", ["memory", "local", "moto"], indirect=True)
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 def test_partial_load_fills_only_given_keys(
     backend: Backend, sync_ckpt: cloudckpt.SyncCheckpointer
 ) -> None:
@@ -109,7 +109,7 @@ def test_partial_load_fills_only_given_keys(
         sync_ckpt.load(path, {"tensors": {"not_saved": None}}, strict=True)
 
 
-@pytest.mark.parametrize("backend", ["memory", "local", "moto"], indirect=True)
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 def test_partial_load_rejects_shape_and_dtype_mismatch(
     backend: Backend, sync_ckpt: cloudckpt.SyncCheckpointer
 ) -> None:
@@ -121,7 +121,7 @@ def test_partial_load_rejects_shape_and_dtype_mismatch(
         sync_ckpt.load(path, {"b": torch.zeros(4, dtype=torch.float16)})
 
 
-@pytest.mark.parametrize("backend", ["local", "moto"], indirect=True)
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 def test_map_location_cpu_and_meta(backend: Backend, sync_ckpt: cloudckpt.SyncCheckpointer) -> None:
     sd = {"w": torch.randn(64, 64), "n": 3}
     path = backend.url("step-5")
@@ -160,7 +160,7 @@ def test_path_without_manifest_is_not_a_checkpoint(
     assert backend.url("never-saved").rstrip("/") in str(info.value) or backend.name == "local"
 
 
-@pytest.mark.parametrize("backend", ["local", "moto", "seaweedfs"], indirect=True)
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 def test_failure_midway_through_serialization_commits_nothing(
     backend: Backend, sync_ckpt: cloudckpt.SyncCheckpointer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,6 +198,7 @@ def test_unsupported_scheme_is_a_clear_error() -> None:
         ckpt.load("hdfs://nn/run/step-1")
 
 
+# memory:// and local directories have no buckets (a missing directory is created).
 @pytest.mark.parametrize("backend", ["moto", "seaweedfs", "gcs"], indirect=True)
 def test_missing_bucket_is_named(backend: Backend) -> None:
     scheme = backend.base_url.split("://")[0]
@@ -210,6 +211,8 @@ def test_missing_bucket_is_named(backend: Backend) -> None:
         ckpt.load(path)
 
 
+# Only SeaweedFS checks signatures here: moto and fake-gcs-server accept any credentials,
+# and memory/local have none, so the guarantee can be proven on SeaweedFS alone.
 @pytest.mark.parametrize("backend", ["seaweedfs"], indirect=True)
 def test_wrong_credentials_fail_once_without_retry(
     backend: Backend, caplog: pytest.LogCaptureFixture
@@ -278,7 +281,7 @@ def test_upstream_written_checkpoint_needs_the_explicit_option(backend: Backend)
     assert_bitwise_equal(lenient.load(path, target)["w"], sd["w"])
 
 
-@pytest.mark.parametrize("backend", ["local", "moto"], indirect=True)
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 def test_flipped_byte_is_a_checksum_error_naming_the_key(
     backend: Backend, sync_ckpt: cloudckpt.SyncCheckpointer
 ) -> None:
@@ -301,7 +304,7 @@ def test_flipped_byte_is_a_checksum_error_naming_the_key(
     assert sync_ckpt.load(path, {"bias": None})["bias"].shape == (8,)
 
 
-@pytest.mark.parametrize("backend", ["local", "moto"], indirect=True)
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 def test_truncated_object_is_refused_before_any_tensor(
     backend: Backend, sync_ckpt: cloudckpt.SyncCheckpointer
 ) -> None:
