@@ -56,41 +56,51 @@ def tensor_memoryview(t: torch.Tensor) -> memoryview:
 
 
 def plan_reads(reads: Sequence[RangeRead], config: DownloadConfig) -> list[ReadGroup]:
-    """Coalesce and split ``reads`` into requests (pure; sorted by offset)."""
-    pieces: list[RangeRead] = []
-    for r in sorted(reads, key=lambda r: r.offset):
-        n = r.dest.nbytes
-        if n == 0:
-            continue
-        for start in range(0, n, config.range_size_bytes):
-            stop = min(n, start + config.range_size_bytes)
-            pieces.append(RangeRead(r.offset + start, r.dest[start:stop]))
-    # Pieces of a split read can pass a later read that overlaps it: re-sort (stable).
-    pieces.sort(key=lambda p: p.offset)
+    """Coalesce, then split ``reads`` into requests (pure; sorted by offset).
+
+    Neighbours closer than ``coalesce_gap_bytes`` are merged into one span first; each span is
+    then cut into requests of at most ``range_size_bytes`` (gaps included). Small tensors thus
+    ride along with their big neighbours instead of costing a GET each.
+    """
+    limit = config.range_size_bytes
+    ordered = sorted((r for r in reads if r.dest.nbytes), key=lambda r: r.offset)
+    spans: list[list[RangeRead]] = []
+    span_end = 0
+    for r in ordered:
+        if spans and 0 <= r.offset - span_end <= config.coalesce_gap_bytes:
+            spans[-1].append(r)
+        else:
+            spans.append([r])
+        span_end = r.end if len(spans[-1]) == 1 else max(span_end, r.end)
 
     groups: list[ReadGroup] = []
-    cur_offset = -1
-    cur: list[memoryview | int] = []
-    cur_end = 0
-    cur_size = 0
-    for p in pieces:
-        gap = p.offset - cur_end
-        if (
-            cur
-            and 0 <= gap <= config.coalesce_gap_bytes
-            and cur_size + gap + p.dest.nbytes <= config.range_size_bytes
-        ):
+    for span in spans:
+        start = pos = span[0].offset
+        cur: list[memoryview | int] = []
+        size = 0
+        for r in span:
+            gap = r.offset - pos
             if gap:
-                cur.append(gap)
-            cur.append(p.dest)
-            cur_size += gap + p.dest.nbytes
-            cur_end = p.end
-            continue
+                if cur and size + gap > limit:
+                    groups.append(ReadGroup(start, tuple(cur)))
+                    start, cur, size = r.offset, [], 0
+                else:
+                    cur.append(gap)
+                    size += gap
+                pos = r.offset
+            done = 0
+            while done < r.dest.nbytes:
+                if size == limit:
+                    groups.append(ReadGroup(start, tuple(cur)))
+                    start, cur, size = pos, [], 0
+                take = min(limit - size, r.dest.nbytes - done)
+                cur.append(r.dest[done : done + take])
+                size += take
+                done += take
+                pos += take
         if cur:
-            groups.append(ReadGroup(cur_offset, tuple(cur)))
-        cur_offset, cur, cur_end, cur_size = p.offset, [p.dest], p.end, p.dest.nbytes
-    if cur:
-        groups.append(ReadGroup(cur_offset, tuple(cur)))
+            groups.append(ReadGroup(start, tuple(cur)))
+    groups.sort(key=lambda g: g.offset)  # overlapping reads make spans that interleave
     return groups
 
 
