@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ class ReadGroup:
 
     offset: int
     targets: tuple[memoryview | int, ...]
+    #: for each buffer in ``targets``, the index of the read it belongs to
+    owners: tuple[int, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -63,6 +66,7 @@ def plan_reads(reads: Sequence[RangeRead], config: DownloadConfig) -> list[ReadG
     ride along with their big neighbours instead of costing a GET each.
     """
     limit = config.range_size_bytes
+    index = {id(r): i for i, r in enumerate(reads)}
     ordered = sorted((r for r in reads if r.dest.nbytes), key=lambda r: r.offset)
     spans: list[list[RangeRead]] = []
     span_end = 0
@@ -77,13 +81,14 @@ def plan_reads(reads: Sequence[RangeRead], config: DownloadConfig) -> list[ReadG
     for span in spans:
         start = pos = span[0].offset
         cur: list[memoryview | int] = []
+        owners: list[int] = []
         size = 0
         for r in span:
             gap = r.offset - pos
             if gap:
                 if cur and size + gap > limit:
-                    groups.append(ReadGroup(start, tuple(cur)))
-                    start, cur, size = r.offset, [], 0
+                    groups.append(ReadGroup(start, tuple(cur), tuple(owners)))
+                    start, cur, owners, size = r.offset, [], [], 0
                 else:
                     cur.append(gap)
                     size += gap
@@ -91,15 +96,16 @@ def plan_reads(reads: Sequence[RangeRead], config: DownloadConfig) -> list[ReadG
             done = 0
             while done < r.dest.nbytes:
                 if size == limit:
-                    groups.append(ReadGroup(start, tuple(cur)))
-                    start, cur, size = pos, [], 0
+                    groups.append(ReadGroup(start, tuple(cur), tuple(owners)))
+                    start, cur, owners, size = pos, [], [], 0
                 take = min(limit - size, r.dest.nbytes - done)
                 cur.append(r.dest[done : done + take])
+                owners.append(index[id(r)])
                 size += take
                 done += take
                 pos += take
         if cur:
-            groups.append(ReadGroup(start, tuple(cur)))
+            groups.append(ReadGroup(start, tuple(cur), tuple(owners)))
     groups.sort(key=lambda g: g.offset)  # overlapping reads make spans that interleave
     return groups
 
@@ -111,25 +117,46 @@ def fetch(
     config: DownloadConfig,
     *,
     version: str | None = None,
+    on_read_done: Callable[[int], None] | None = None,
 ) -> int:
     """Run ``reads`` against ``url`` concurrently; returns the bytes requested from the store.
-    The first failure cancels what has not started and is re-raised."""
+
+    ``on_read_done(i)`` runs in the fetching thread as soon as every byte of ``reads[i]`` has
+    arrived (e.g. to verify it while other requests are still in flight); an exception it
+    raises fails the fetch. The first failure cancels what has not started and is re-raised.
+    """
     groups = plan_reads(reads, config)
     if not groups:
         return 0
     total = sum(g.nbytes for g in groups)
     logger.debug("fetching %d bytes of %s in %d requests", total, url, len(groups))
+    remaining: dict[int, int] = {}
+    for g in groups:
+        for i in g.owners:
+            remaining[i] = remaining.get(i, 0) + 1
+    lock = threading.Lock()
+
+    def run(g: ReadGroup) -> None:
+        storage.read_into_many(url, g.offset, list(g.targets), version=version)
+        if on_read_done is None:
+            return
+        finished = []
+        with lock:
+            for i in g.owners:
+                remaining[i] -= 1
+                if remaining[i] == 0:
+                    finished.append(i)
+        for i in finished:
+            on_read_done(i)
+
     if len(groups) == 1 or config.max_concurrency == 1:
         for g in groups:
-            storage.read_into_many(url, g.offset, list(g.targets), version=version)
+            run(g)
         return total
     with ThreadPoolExecutor(
         max_workers=min(config.max_concurrency, len(groups)), thread_name_prefix="cloudckpt-fetch"
     ) as pool:
-        futures = [
-            pool.submit(storage.read_into_many, url, g.offset, list(g.targets), version=version)
-            for g in groups
-        ]
+        futures = [pool.submit(run, g) for g in groups]
         _, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for f in pending:
             f.cancel()

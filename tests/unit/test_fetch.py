@@ -399,3 +399,32 @@ def test_fetch_into_tensors_from_a_serialized_object() -> None:
     fetch(store, URL, reads, cfg(range_size=1024, gap=64, concurrency=3))
     for key, t in targets.items():
         assert torch.equal(t.view(torch.uint8), obj[key].view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_on_read_done_fires_once_per_read_after_all_its_bytes(concurrency: int) -> None:
+    data = object_bytes(4096)
+    store = BytesStorage(data)
+    spec = [(0, 100), (100, 900), (1500, 2000), (3600, 400)]  # split, coalesced and alone
+    reads = reads_of(spec)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def done(i: int) -> None:
+        off, n = spec[i]
+        assert bytes(reads[i].dest) == data[off : off + n]  # complete when reported
+        with lock:
+            seen.append(i)
+
+    fetch(store, URL, reads, cfg(range_size=512, gap=64, concurrency=concurrency), on_read_done=done)
+    assert sorted(seen) == [0, 1, 2, 3]
+
+
+def test_an_error_in_on_read_done_fails_the_fetch() -> None:
+    store = BytesStorage(object_bytes(1024))
+
+    def done(i: int) -> None:
+        raise ValueError(f"read {i} is bad")
+
+    with pytest.raises(ValueError, match="read 0 is bad"):
+        fetch(store, URL, reads_of([(0, 100)]), cfg(), on_read_done=done)
