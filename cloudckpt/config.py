@@ -192,7 +192,7 @@ class CheckpointWriterConfig:
     write_barrier_timeout_secs: int = 600
     overwrite: bool = False
     commit_timeout_secs: float = 300.0
-    poll_interval_secs: float = 0.25
+    poll_interval_secs: float = 0.1
 
     def __post_init__(self) -> None:
         _positive("write_barrier_timeout_secs", self.write_barrier_timeout_secs)
