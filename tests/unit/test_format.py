@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from cases import DTYPES  # the dtype matrix, shared with the integration tests
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from cloudckpt.checksum import crc32c
@@ -35,18 +36,6 @@ from cloudckpt.format import (
     serialize,
 )
 
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.int8,
-    torch.uint8,
-    torch.int64,
-    torch.bool,
-    torch.complex64,
-]
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
 
 
