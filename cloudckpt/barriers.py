@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ._upstream import RankInfo
 from .errors import SaveFailedError
@@ -30,6 +30,7 @@ from .storage import Storage, join_url
 logger = logging.getLogger(__name__)
 
 COMMIT_FAILED_NAME = "commit_failed.json"
+FIRST_POLL_SECS = 0.01
 
 
 def agree_run_id(rank_info: RankInfo) -> str:
@@ -90,6 +91,17 @@ class StoreRendezvous:
         self._clock = clock
         self._sleep = sleep
 
+    def _delays(self) -> Iterator[float]:
+        """Poll delays: 10 ms at first, doubling to ``poll_interval_secs``.
+
+        Ranks of one job usually finish within milliseconds of each other, so a short first
+        wait keeps the commit quick; the backoff keeps a long wait from hammering the store.
+        """
+        delay = min(FIRST_POLL_SECS, self._poll)
+        while True:
+            yield delay
+            delay = min(2 * delay, self._poll)
+
     def report_failure(self, error: BaseException) -> None:
         """Tell the other ranks this rank failed (best effort: they time out otherwise)."""
         message = f"{type(error).__name__}: {error}"
@@ -107,6 +119,7 @@ class StoreRendezvous:
         """Phase 1: return once every rank's record exists; raise if one failed or timed out."""
         folder = records_url(self._url, self._save_id)
         deadline = self._clock() + self._timeout
+        delays = self._delays()
         while True:
             names = {o.url.rsplit("/", 1)[-1] for o in self._storage.list(folder)}
             failed = sorted(
@@ -126,7 +139,7 @@ class StoreRendezvous:
                     hint="a rank crashed or hangs; nothing was committed "
                     "(CheckpointWriterConfig.commit_timeout_secs bounds this wait)",
                 )
-            self._sleep(self._poll)
+            self._sleep(next(delays))
 
     def _peer_failure(self, rank: int) -> SaveFailedError:
         try:
@@ -157,6 +170,7 @@ class StoreRendezvous:
         """Phase 2 (ranks != 0): return once rank 0 committed; raise if it failed or timed out."""
         failed_url = join_url(records_url(self._url, self._save_id), COMMIT_FAILED_NAME)
         deadline = self._clock() + self._timeout
+        delays = self._delays()
         while True:
             if self._storage.exists(manifest_url):
                 return
@@ -174,4 +188,4 @@ class StoreRendezvous:
                     rank=self._rank,
                     hint="rank 0 crashed or hangs; nothing was committed",
                 )
-            self._sleep(self._poll)
+            self._sleep(next(delays))

@@ -6,7 +6,9 @@ before any I/O. All of them are picklable: they travel to the async writer subpr
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,8 @@ from ._upstream import (
     CheckpointProcessConfig,
     CheckpointStagerConfig,
 )
+
+logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -37,6 +41,28 @@ def default_staging_config() -> CheckpointStagerConfig:
         use_async_staging=True,
         use_non_blocking_copy=on_accelerator,
     )
+
+
+def default_upload_concurrency(
+    cpus: int | None = None, local_world_size: int | None = None
+) -> int:
+    """Parts in flight per rank when ``UploadConfig.max_concurrency`` is not given.
+
+    Every upload stream costs client CPU (checksums, TLS/HTTP) and ranks on one host share it,
+    so the host's budget of about four streams per core is split among its local ranks
+    (``LOCAL_WORLD_SIZE``, set by torchrun), capped at 8 and never below 2. On a 2-core host
+    one rank gets 8 and each of 4 ranks gets 2; on a 96-core, 8-rank host every rank gets 8.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if local_world_size is None:
+        raw = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        try:
+            local_world_size = max(1, int(raw))
+        except ValueError:
+            logger.warning("LOCAL_WORLD_SIZE=%r is not an int; sizing uploads for 1 rank", raw)
+            local_world_size = 1
+    return max(2, min(8, 4 * (cpus or 1) // local_world_size))
 
 
 def _number(name: str, value: object) -> float:
@@ -84,14 +110,18 @@ class UploadConfig:
             automatically when the known object size would need more than 10 000 parts.
         max_concurrency: parts in flight at once; at most ``max_concurrency + 1`` part
             buffers exist, so peak upload memory is about ``part_size_bytes * (max_concurrency + 1)``.
+            None (default): :func:`default_upload_concurrency`, fixed at construction from the
+            host's CPUs and the local rank count (8 for a lone rank on 2+ cores).
         send_checksums: send a CRC32C per part so the store rejects a part corrupted in transit.
     """
 
     part_size_bytes: int = 32 * MiB
-    max_concurrency: int = 8
+    max_concurrency: int = None  # type: ignore[assignment]  # None: resolved below
     send_checksums: bool = True
 
     def __post_init__(self) -> None:
+        if self.max_concurrency is None:
+            object.__setattr__(self, "max_concurrency", default_upload_concurrency())
         _int_at_least("part_size_bytes", self.part_size_bytes, 1)
         _int_at_least("max_concurrency", self.max_concurrency, 1)
         _flag("send_checksums", self.send_checksums)
@@ -100,7 +130,6 @@ class UploadConfig:
                 f"part_size_bytes must be within [{S3_MIN_PART_SIZE_BYTES}, "
                 f"{S3_MAX_PART_SIZE_BYTES}] (S3 limits), got {self.part_size_bytes}"
             )
-        _positive("max_concurrency", self.max_concurrency)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,8 @@ from .manifest import (
 from .storage import Storage, UploadMetrics, get_storage, join_url, normalize_url, split_url
 
 logger = logging.getLogger(__name__)
+
+COMMIT_CHECK_THREADS = 16
 
 
 @dataclass
@@ -239,28 +242,14 @@ class CheckpointWriter(UpstreamCheckpointWriter):
         """Rank 0: check every rank's object and write the manifest (the commit)."""
         world = self._rank_info.global_world_size
         entries = [own]
-        for r in range(1, world):
-            record_url = rank_record_url(url, save_id, r)
-            try:
-                entry = parse_rank_record(storage.get_bytes(record_url), url=record_url)
-                info = storage.head(join_url(url, entry.object_name))
-            except NotFoundError as e:
-                raise SaveFailedError(
-                    f"rank {r}'s part of {url} is missing at commit time",
-                    url=url,
-                    rank=r,
-                    hint="that rank failed or its barrier was skipped; nothing was committed",
-                ) from e
-            if info.size_bytes != entry.size_bytes or (
-                entry.version is not None and info.version is not None and info.version != entry.version
-            ):
-                raise SaveFailedError(
-                    f"rank {r}'s object at {url} does not match its record (stale or replaced)",
-                    url=url,
-                    rank=r,
-                    hint="another save may be writing the same path; nothing was committed",
+        if world > 1:
+            # One GET + HEAD per rank: concurrent, so the commit does not grow with the world.
+            with ThreadPoolExecutor(
+                min(world - 1, COMMIT_CHECK_THREADS), thread_name_prefix="cloudckpt-commit"
+            ) as pool:
+                entries += pool.map(
+                    lambda r: self._checked_rank_entry(storage, url, save_id, r), range(1, world)
                 )
-            entries.append(entry)
         manifest = Manifest(
             world_size=world,
             ranks=tuple(entries),
@@ -271,6 +260,31 @@ class CheckpointWriter(UpstreamCheckpointWriter):
             join_url(url, MANIFEST_NAME), manifest.to_json(), if_absent=not self._config.overwrite
         )
         logger.info("committed %s (%d ranks, %d bytes)", url, world, manifest.total_bytes)
+
+    @staticmethod
+    def _checked_rank_entry(storage: Storage, url: str, save_id: str, r: int) -> RankEntry:
+        """Rank ``r``'s record, once its object is confirmed present with the recorded size."""
+        record_url = rank_record_url(url, save_id, r)
+        try:
+            entry = parse_rank_record(storage.get_bytes(record_url), url=record_url)
+            info = storage.head(join_url(url, entry.object_name))
+        except NotFoundError as e:
+            raise SaveFailedError(
+                f"rank {r}'s part of {url} is missing at commit time",
+                url=url,
+                rank=r,
+                hint="that rank failed or its barrier was skipped; nothing was committed",
+            ) from e
+        if info.size_bytes != entry.size_bytes or (
+            entry.version is not None and info.version is not None and info.version != entry.version
+        ):
+            raise SaveFailedError(
+                f"rank {r}'s object at {url} does not match its record (stale or replaced)",
+                url=url,
+                rank=r,
+                hint="another save may be writing the same path; nothing was committed",
+            )
+        return entry
 
     def close(self) -> None:
         for s in self._storages.values():

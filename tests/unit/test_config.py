@@ -24,6 +24,7 @@ from cloudckpt.config import (
     StorageConfig,
     UploadConfig,
     default_staging_config,
+    default_upload_concurrency,
 )
 
 CONFIG_CLASSES = [
@@ -133,7 +134,8 @@ def test_boundary_values_are_accepted(cls: type, kwargs: dict[str, Any]) -> None
 
 def test_defaults() -> None:
     up, down, retry = UploadConfig(), DownloadConfig(), RetryConfig()
-    assert (up.part_size_bytes, up.max_concurrency, up.send_checksums) == (32 * MiB, 8, True)
+    assert (up.part_size_bytes, up.send_checksums) == (32 * MiB, True)
+    assert up.max_concurrency == default_upload_concurrency()
     assert down.range_size_bytes == 32 * MiB
     assert down.coalesce_gap_bytes == 1 * MiB
     assert down.verify_checksums is True
@@ -259,3 +261,35 @@ def test_module_exports_no_mutable_singletons() -> None:
     """No module-level config instance that a default argument could share."""
     for name, value in vars(config_module).items():
         assert not isinstance(value, tuple(CONFIG_CLASSES)), name
+
+
+@pytest.mark.parametrize(
+    ("cpus", "local_ranks", "expected"),
+    [
+        (2, 1, 8),  # a lone rank keeps the full 8 streams
+        (2, 4, 2),  # 4 ranks on 2 cores share 8 streams
+        (2, 2, 4),
+        (1, 1, 4),
+        (1, 8, 2),  # never below 2
+        (96, 8, 8),  # big hosts: capped at 8 per rank
+        (16, 8, 8),
+        (8, 8, 4),
+    ],
+)
+def test_default_upload_concurrency_splits_the_host_among_local_ranks(
+    cpus: int, local_ranks: int, expected: int
+) -> None:
+    assert default_upload_concurrency(cpus, local_ranks) == expected
+
+
+def test_default_upload_concurrency_reads_torchrun_local_world_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_upload_concurrency(2) == 2
+    assert UploadConfig().max_concurrency == default_upload_concurrency()
+    assert UploadConfig(max_concurrency=6).max_concurrency == 6  # explicit wins
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "four")
+    assert default_upload_concurrency(2) == 8  # unreadable: sized for one rank
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert default_upload_concurrency(2) == 8
