@@ -7,14 +7,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ._upstream import (
-    BarrierConfig,
-    CheckpointStager,
-    RankInfo,
-    WriterHook,
-    create_barrier_from_config,
-)
-from .barriers import agree_run_id
+from ._upstream import BarrierConfig, CheckpointStager, RankInfo, WriterHook
+from .barriers import StoreAddress, agree_run_id, check_writer_barrier_config, make_barrier
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
 from .config import CheckpointerConfig, CheckpointWriterConfig, StorageConfig
 from .process import CheckpointProcess
@@ -41,13 +35,23 @@ def default_writer_init_fn(
     barrier_config: BarrierConfig | None = None,
     commit_hook: WriterHook | None = None,
     run_id: str | None = None,
+    store_address: StoreAddress | None = None,
 ) -> CheckpointWriter:
     """Builds the writer inside the async subprocess: its own storage clients and barrier,
-    nothing inherited from the parent (no event loops, no sockets)."""
+    nothing inherited from the parent (no event loops, no sockets). ``store_address``: the
+    parent's default TCPStore, where a ``dist_barrier`` meets (this process has no group)."""
+    config = config or CheckpointWriterConfig()
+    barrier = make_barrier(
+        barrier_config or BarrierConfig(),
+        rank_info,
+        config.write_barrier_timeout_secs,
+        store_address=store_address,
+        run_id=run_id or "",
+    )
     return CheckpointWriter(
         config=config,
         rank_info=rank_info,
-        barrier=create_barrier_from_config(barrier_config or BarrierConfig()),
+        barrier=barrier,
         commit_hook=commit_hook,
         storage_config=storage_config,
         run_id=run_id,
@@ -73,7 +77,9 @@ def make_sync_checkpointer(
     writer = CheckpointWriter(
         config=config.writer_config,
         rank_info=rank_info,
-        barrier=create_barrier_from_config(config.barrier_config),
+        barrier=make_barrier(
+            config.barrier_config, rank_info, config.writer_config.write_barrier_timeout_secs
+        ),
         commit_hook=commit_hook,
         storage_config=storage_config,
     )
@@ -102,6 +108,11 @@ def make_async_checkpointer(
     config = config or CheckpointerConfig()
     rank_info = rank_info or default_rank_info()
     storage_config = config.storage_config()
+    store_address = check_writer_barrier_config(
+        config.barrier_config,
+        rank_info,
+        config.writer_config.write_barrier_timeout_secs,
+    )
     run_id = agree_run_id(rank_info)
     init_args: dict[str, Any] = {
         "config": config.writer_config,
@@ -109,6 +120,7 @@ def make_async_checkpointer(
         "barrier_config": config.barrier_config,
         "commit_hook": commit_hook,
         "run_id": run_id,
+        "store_address": store_address,
     }
     if checkpoint_writer_init_fn is not default_writer_init_fn:
         init_args = {}

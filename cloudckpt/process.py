@@ -5,8 +5,8 @@ Differences from upstream that a training job relies on:
 * a failed write does not kill the subprocess: the error (a cloudckpt exception, picklable)
   travels back and is raised by the write future with its original type;
 * a subprocess that dies mid-save (OOM-killed, segfault, kill -9) turns into a SaveFailedError
-  naming the path and exit code on the write future, and the next save starts a fresh
-  subprocess;
+  naming the path and exit code on the write future, the other ranks are told at once (its
+  failure record, written from this process), and the next save starts a fresh subprocess;
 * the write future's result is the save's :class:`~cloudckpt.writer.SaveMetrics`.
 
 Hand-off (zero copy). Staged tensors live in fd-backed shared memory (see
@@ -53,7 +53,10 @@ import torch
 import torch.multiprocessing as mp
 
 from ._upstream import STATE_DICT, CheckpointProcessConfig, RankInfo
+from .barriers import record_failure
+from .config import StorageConfig
 from .errors import CloudCkptError, SaveFailedError
+from .storage import get_storage, normalize_url
 from .writer import CheckpointWriter, SaveMetrics
 
 logger = logging.getLogger(__name__)
@@ -438,10 +441,34 @@ class CheckpointProcess:
         finally:
             del storages
         logger.debug("sent %s to the writer: %d bytes, %d descriptors", path, len(data), len(fds))
-        response = self._receive(path)
+        try:
+            response = self._receive(path)
+        except SaveFailedError as e:
+            self._report_death(path, kwargs.get("save_id"), e)
+            raise
         if not response.ok:
             raise response.value
         return response.value
+
+    def _report_death(self, path: str, save_id: str | None, error: SaveFailedError) -> None:
+        """The writer died mid-save: record the failure for the other ranks, as the writer
+        would have, so they fail now rather than at ``commit_timeout_secs``."""
+        storage_config = self._init[3].get("storage_config")
+        if self._rank_info.global_world_size == 1 or save_id is None:
+            return
+        if not isinstance(storage_config, StorageConfig):
+            return  # a custom writer: this process does not know its storage
+        rank = self._rank_info.global_rank
+        try:
+            url = normalize_url(path)
+            storage = get_storage(url, storage_config)
+        except Exception as e:
+            logger.warning("rank %d could not record its failure at %s: %s", rank, path, e)
+            return
+        try:
+            record_failure(storage, url, save_id, rank, error)
+        finally:
+            storage.close()
 
     def close(self) -> None:
         """Wait for the write in flight (queued ones are cancelled), then stop the subprocess,

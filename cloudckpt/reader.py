@@ -134,6 +134,7 @@ class CheckpointReader(UpstreamCheckpointReader):
         **kwargs: Any,
     ) -> tuple[STATE_DICT, list[str]]:
         url = normalize_url(path)
+        implicit_rank = rank is None
         rank = self._rank_info.global_rank if rank is None else rank
         try:
             manifest = self.read_manifest(url)
@@ -141,6 +142,16 @@ class CheckpointReader(UpstreamCheckpointReader):
             if not self._config.allow_unmanifested:
                 raise
             return self._read_unmanifested(url, rank, state_dict, map_location)
+        world = self._rank_info.global_world_size
+        if implicit_rank and world > 1 and world != manifest.world_size:
+            raise StateDictMismatchError(
+                f"checkpoint at {url} was saved by {manifest.world_size} rank(s); this job has "
+                f"{world}, so rank {rank}'s part is not this rank's state",
+                url=url,
+                rank=rank,
+                hint="resume with the same world size, or pass rank= to choose the part to load "
+                "(e.g. rank=0 when every rank saved the same replicated state)",
+            )
         if rank >= manifest.world_size or rank < 0:
             raise CheckpointError(
                 f"checkpoint at {url} has {manifest.world_size} rank(s); there is no rank {rank}",

@@ -6,11 +6,11 @@ Lifecycle of one ``write(path, state_dict)`` (every rank runs it; rank 0 also co
        then the old manifest is deleted first, so a crash leaves no stale commit behind)
     2. every rank: stream ``checkpoint_<rank>.pt`` (torch.save format) into an upload;
        any failure aborts the upload: nothing appears at the key
-    3. every rank: write ``.cloudckpt/<save_id>/rank_<rank>.json`` (byte map, checksums), or
-       ``failed_<rank>.json`` if steps 1-3 failed; multi-rank saves then wait until every
+    3. every rank: commit hook ``pre_commit``
+    4. every rank: write ``.cloudckpt/<save_id>/rank_<rank>.json`` (byte map, checksums), or
+       ``failed_<rank>.json`` if steps 1-4 failed; multi-rank saves then wait until every
        rank succeeded, raising within ``commit_timeout_secs`` if one failed or vanished
-       (see ``cloudckpt.barriers``)
-    4. every rank: commit hook ``pre_commit``, then the configured barrier, if any
+       (see ``cloudckpt.barriers``); then the configured upstream barrier, if any
     5. rank 0: read every rank record, check each object's size, write the manifest last,
        conditionally (If-None-Match / ifGenerationMatch=0) unless overwrite: the commit.
        The other ranks wait for the manifest (or rank 0's failure record)
@@ -150,6 +150,10 @@ class CheckpointWriter(UpstreamCheckpointWriter):
             else:
                 self._refuse_if_committed(storage, url)
             entry, metrics = self._upload_rank_object(storage, url, state_dict)
+            if self._commit_hook is not None:
+                # As upstream: after this rank's part is written, before the barrier. Here a
+                # refusal is this rank's failure, so no rank commits.
+                self._commit_hook.pre_commit(url, **kwargs)
             storage.put_bytes(
                 rank_record_url(url, save_id, rank),
                 json.dumps(rank_entry_to_dict(entry)).encode(),
@@ -160,20 +164,16 @@ class CheckpointWriter(UpstreamCheckpointWriter):
             raise
         if multi_rank:
             rendezvous.wait_all_ranks()
-
-        if self._commit_hook is not None:
-            self._commit_hook.pre_commit(url, **kwargs)
-        if self._barrier is not None:
-            logger.debug("rank %d waiting at the commit barrier for %s", rank, url)
-            self._barrier.execute_barrier()
         if rank == 0:
             try:
+                self._execute_barrier(url, save_id, metrics)
                 self._commit(storage, url, save_id, entry, kwargs.get("metadata"))
             except BaseException as e:
                 if multi_rank:
                     rendezvous.report_commit_failure(e)
                 raise
         else:
+            self._execute_barrier(url, save_id, metrics)
             rendezvous.wait_commit(manifest_url)
         metrics.committed = True
         metrics.total_secs = time.perf_counter() - started
@@ -189,6 +189,27 @@ class CheckpointWriter(UpstreamCheckpointWriter):
             metrics.mib_per_sec,
             metrics.retries,
         )
+
+    def _execute_barrier(self, url: str, save_id: str, metrics: SaveMetrics) -> None:
+        """The configured upstream barrier (none by default), its failure named as the save's;
+        its wait goes into ``metrics.extra["barrier_secs"]``."""
+        if self._barrier is None:
+            return
+        rank = self._rank_info.global_rank
+        logger.debug("rank %d waiting at the commit barrier for %s", rank, url)
+        scoped = getattr(self._barrier, "execute_barrier_for", None)
+        started = time.perf_counter()
+        try:
+            scoped(save_id) if scoped is not None else self._barrier.execute_barrier()
+            metrics.extra["barrier_secs"] = time.perf_counter() - started
+        except Exception as e:
+            raise SaveFailedError(
+                f"save to {url} failed at the commit barrier ({type(self._barrier).__name__}) on "
+                f"rank {rank}: {type(e).__name__}: {e}",
+                url=url,
+                rank=rank,
+                hint="a rank crashed or hangs after its part was durable; nothing was committed",
+            ) from e
 
     def _refuse_if_committed(self, storage: Storage, url: str) -> None:
         if storage.exists(join_url(url, MANIFEST_NAME)):

@@ -19,7 +19,8 @@ from multirank.worker import make_state
 
 import cloudckpt
 from cloudckpt.config import StorageConfig
-from cloudckpt.manifest import MANIFEST_NAME
+from cloudckpt.manifest import MANIFEST_NAME, rank_object_name
+from localstack.servers import find_free_port
 
 pytestmark = [pytest.mark.torchrun, pytest.mark.parametrize("backend", ["moto"], indirect=True)]
 
@@ -56,6 +57,12 @@ def run_ranks(tmp_path: Path, nproc: int, **cfg: Any) -> dict[int, dict[str, Any
 def storage_of(backend: Backend) -> cloudckpt.storage.Storage:
     return cloudckpt.storage.get_storage(
         backend.base_url, StorageConfig(storage_options=backend.storage_options)
+    )
+
+
+def manager_of(backend: Backend, *run: str) -> cloudckpt.CheckpointManager:
+    return cloudckpt.CheckpointManager(
+        backend.url(*run), storage_options=backend.storage_options
     )
 
 
@@ -119,39 +126,69 @@ def test_one_rank_failing_fails_every_rank_fast_and_commits_nothing(
     storage = storage_of(backend)
     assert not storage.exists(f"{path}/{MANIFEST_NAME}")
     assert storage.list_pending_uploads(backend.base_url) == []
+    manager = manager_of(backend, "fail")
+    assert manager.latest().url == previous  # type: ignore[union-attr]
+    assert [(c.name, c.committed) for c in manager.list()] == [("step-1", True), ("step-2", False)]
     reader = cloudckpt.CheckpointReader(
         storage_config=StorageConfig(storage_options=backend.storage_options)
     )
-    assert reader.read_manifest(previous).world_size == 2  # the previous step is intact
+    assert_bitwise_equal(reader.read(previous, rank=1)[0], make_state(1))  # intact
 
 
+@pytest.mark.parametrize("barrier_type", [None, "dist_barrier"])
 def test_serialization_failure_on_one_rank_reaches_the_other(
-    backend: Backend, tmp_path: Path
+    backend: Backend, tmp_path: Path, barrier_type: str | None
 ) -> None:
-    path = backend.url("poison", "step-1")
+    """With or without an upstream barrier: the failing rank never reaches it, and the other
+    rank learns of the failure from the store instead of waiting at the barrier."""
+    path = backend.url(f"poison-{barrier_type}", "step-1")
     results = run_ranks(
-        tmp_path, 2, mode="sync", path=path, storage_options=backend.storage_options, fail_rank=1
+        tmp_path, 2, mode="sync", path=path, storage_options=backend.storage_options, fail_rank=1,
+        barrier={"barrier_type": barrier_type},
     )
     assert "injected serialization failure" in results[1]["error"]
     assert results[0]["error_type"] == "SaveFailedError"
     assert "injected serialization failure" in results[0]["error"]
+    assert results[0]["seconds"] < COMMIT_TIMEOUT_SECS
     assert not storage_of(backend).exists(f"{path}/{MANIFEST_NAME}")
 
 
-def test_killed_writer_fails_the_others_within_the_bound(backend: Backend, tmp_path: Path) -> None:
-    path = backend.url("kill", "step-1")
-    # rank 1's writer subprocess SIGKILLs itself after 256 KiB of its object went out
+def test_killed_writer_fails_the_others_and_gc_cleans_up_after_it(
+    backend: Backend, tmp_path: Path
+) -> None:
+    previous = backend.url("kill", "step-1")
+    run_ranks(tmp_path, 2, mode="sync", path=previous, storage_options=backend.storage_options)
+    path = backend.url("kill", "step-2")
+    # rank 1's writer subprocess SIGKILLs itself once 6 MiB of its 12 MiB object went into
+    # 5 MiB parts: one part is uploaded, so a multipart upload is left open on the store
     results = run_ranks(
         tmp_path, 2, mode="async", path=path, storage_options=backend.storage_options,
-        kill_writer_rank=1,
+        kill_writer_rank=1, kill_after_bytes=6 << 20, padding_mib=12,
+        upload={"part_size_bytes": 5 << 20, "max_concurrency": 2},
     )
     assert results[1]["error_type"] == "SaveFailedError"
     assert "subprocess died" in results[1]["error"]
     assert results[0]["error_type"] == "SaveFailedError"
-    assert "rank(s) [1] did not finish" in results[0]["error"]
-    assert results[0]["seconds"] < COMMIT_TIMEOUT_SECS + 15
+    # rank 1's trainer recorded its writer's death: rank 0 did not wait out the timeout
+    assert "failed on rank 1" in results[0]["error"]
+    assert "subprocess died" in results[0]["error"]
+    assert results[0]["seconds"] < COMMIT_TIMEOUT_SECS
     storage = storage_of(backend)
     assert not storage.exists(f"{path}/{MANIFEST_NAME}")
+    rank1_object = f"{path}/{rank_object_name(1)}"
+    assert not storage.exists(rank1_object)
+    pending = storage.list_pending_uploads(path)
+    assert [p.url for p in pending] == [rank1_object]
+
+    manager = manager_of(backend, "kill")
+    assert [(c.name, c.committed) for c in manager.list()] == [("step-1", True), ("step-2", False)]
+    assert manager.latest().url == previous  # type: ignore[union-attr]
+    report = manager.gc(older_than_secs=0)
+    assert [c.name for c in report.deleted_checkpoints] == ["step-2"]
+    assert [p.url for p in report.aborted_uploads] == [rank1_object]
+    assert storage.list(path) == []
+    assert storage.list_pending_uploads(path) == []
+    assert [c.name for c in manager.list()] == ["step-1"]
 
 
 def test_throttling_on_one_rank_is_retried_and_the_save_succeeds(
@@ -169,3 +206,31 @@ def test_throttling_on_one_rank_is_retried_and_the_save_succeeds(
         assert res["saved"] and res["load_equal"], f"rank {r}: {res}"
     assert throttled > 0
     assert storage_of(backend).exists(f"{path}/{MANIFEST_NAME}")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("barrier_type", ["tcp_store", "dist_barrier"])
+def test_upstream_barriers_selected_through_barrier_config(
+    backend: Backend, tmp_path: Path, barrier_type: str, mode: str
+) -> None:
+    """Upstream's barrier types, as upstream configures them, in the trainer (sync) and in
+    the writer subprocess (async), over two saves: the rank fields come from RankInfo."""
+    barrier_args = {"tcpstore_port": find_free_port()} if barrier_type == "tcp_store" else {}
+    paths = [backend.url(f"{barrier_type}-{mode}", f"step-{step}") for step in (1, 2)]
+    results = run_ranks(
+        tmp_path,
+        2,
+        mode=mode,
+        paths=paths,
+        storage_options=backend.storage_options,
+        barrier={"barrier_type": barrier_type, "barrier_args": barrier_args},
+    )
+    for r, res in results.items():
+        assert res["saved"], f"rank {r}: {res.get('error')}"
+        assert res["load_equal"], f"rank {r} loaded different values"
+        assert res["barrier_ran"] == [True, True], f"rank {r}"
+    reader = cloudckpt.CheckpointReader(
+        storage_config=StorageConfig(storage_options=backend.storage_options)
+    )
+    for path in paths:
+        assert reader.read_manifest(path).world_size == 2

@@ -29,13 +29,32 @@ def make_state(rank: int) -> dict[str, Any]:
     }
 
 
+def _same_state(loaded: dict[str, Any], expected: dict[str, Any], rank: int) -> bool:
+    """Bitwise equality of every tensor (bfloat16 compared as bytes) and the scalars."""
+
+    def as_bits(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.uint8) if t.dtype == torch.bfloat16 else t
+
+    return (
+        all(
+            torch.equal(as_bits(loaded[k][n]), as_bits(expected[k][n]))
+            for k in ("model", "optim")
+            for n in expected[k]
+            if isinstance(expected[k][n], torch.Tensor)
+        )
+        and loaded["rank"] == rank
+        and loaded["optim"]["step"] == 10 + rank
+    )
+
+
 class _Unpicklable:
     def __reduce__(self) -> Any:
         raise RuntimeError("injected serialization failure")
 
 
-def die_midway_through_the_upload() -> None:
-    """Writer-subprocess initializer: SIGKILL this process once 256 KiB of its object are sent."""
+def die_midway_through_the_upload(after_bytes: int = 256 * 1024) -> None:
+    """Writer-subprocess initializer: SIGKILL this process once ``after_bytes`` of its object
+    went into the upload."""
     import signal
 
     import cloudckpt.writer
@@ -45,7 +64,7 @@ def die_midway_through_the_upload() -> None:
     def serialize(obj: Any, out: Any, **kw: Any) -> Any:
         class Tripwire:
             def write(self, data: memoryview) -> None:
-                if out.bytes_written > 256 * 1024:
+                if out.bytes_written > after_bytes:
                     os.kill(os.getpid(), signal.SIGKILL)
                 out.write(data)
 
@@ -60,7 +79,13 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     import cloudckpt
-    from cloudckpt import CheckpointerConfig, CheckpointWriterConfig, RetryConfig
+    from cloudckpt import (
+        BarrierConfig,
+        CheckpointerConfig,
+        CheckpointWriterConfig,
+        RetryConfig,
+        UploadConfig,
+    )
 
     options = dict(cfg["storage_options"])
     options.update(cfg.get("rank_storage_options", {}).get(str(rank), {}))
@@ -72,34 +97,44 @@ def main() -> None:
         retry_config=RetryConfig(
             max_attempts=cfg.get("max_attempts", 8), initial_backoff_secs=0.02, max_backoff_secs=0.2
         ),
+        barrier_config=BarrierConfig(**cfg.get("barrier", {})),
+        upload_config=UploadConfig(**cfg.get("upload", {})),
     )
     if cfg["mode"] == "async":
-        init = die_midway_through_the_upload if cfg.get("kill_writer_rank") == rank else None
-        ckpt = cloudckpt.make_async_checkpointer(
-            config, **({"subprocess_init_fn": init} if init else {})
+        kill = (
+            {
+                "subprocess_init_fn": die_midway_through_the_upload,
+                "subprocess_init_args": (cfg.get("kill_after_bytes", 256 * 1024),),
+            }
+            if cfg.get("kill_writer_rank") == rank
+            else {}
         )
+        ckpt = cloudckpt.make_async_checkpointer(config, **kill)
     else:
         ckpt = cloudckpt.make_sync_checkpointer(config)
     state = make_state(rank)
+    if cfg.get("padding_mib"):
+        state["padding"] = torch.ones(cfg["padding_mib"] << 18)  # float32: 4 bytes each
     if cfg.get("fail_rank") == rank:
         state["poison"] = _Unpicklable()
     result: dict[str, Any] = {"rank": rank, "world": world}
     started = time.monotonic()
     try:
-        if cfg["mode"] == "async":
-            stage, write = ckpt.save(cfg["path"], state)
-            stage.result()
-            write.result()
-        else:
-            ckpt.save(cfg["path"], state)
+        # ``paths``: several saves in a row (barriers and save ids are reused across saves)
+        paths = cfg.get("paths") or [cfg["path"]]
+        for path in paths:
+            if cfg["mode"] == "async":
+                stage, write = ckpt.save(path, state)
+                stage.result()
+                write.result()
+            else:
+                ckpt.save(path, state)
+            result.setdefault("barrier_ran", []).append("barrier_secs" in ckpt.last_metrics.extra)
         result["saved"] = True
-        loaded = ckpt.load(cfg["path"])
         expected = make_state(rank)
         result["load_equal"] = all(
-            torch.equal(loaded[k][n].view(torch.uint8) if loaded[k][n].dtype == torch.bfloat16 else loaded[k][n],
-                        expected[k][n].view(torch.uint8) if expected[k][n].dtype == torch.bfloat16 else expected[k][n])
-            for k in ("model", "optim") for n in expected[k] if isinstance(expected[k][n], torch.Tensor)
-        ) and loaded["rank"] == rank and loaded["optim"]["step"] == 10 + rank
+            _same_state(ckpt.load(path), expected, rank) for path in paths
+        )
     except Exception as e:
         result["saved"] = False
         result["error_type"] = type(e).__name__

@@ -1,0 +1,334 @@
+"""Multi-rank coordination without launching ranks: the store rendezvous on memory:// with a fake
+clock, upstream barrier construction, the writer's store barrier on a real TCPStore, and whole
+multi-rank saves with one thread per rank."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from cases import assert_bitwise_equal
+
+import cloudckpt
+from cloudckpt import BarrierConfig, RankInfo
+from cloudckpt.barriers import (
+    GroupStoreBarrier,
+    StoreAddress,
+    StoreRendezvous,
+    check_writer_barrier_config,
+    make_barrier,
+    rank_record_url,
+)
+from cloudckpt.config import CheckpointWriterConfig
+from cloudckpt.errors import SaveFailedError, StateDictMismatchError
+from cloudckpt.manifest import MANIFEST_NAME
+from cloudckpt.storage import Storage, get_storage, join_url
+from localstack.servers import find_free_port
+
+
+@pytest.fixture
+def url() -> str:
+    return f"memory://bucket/{uuid.uuid4().hex}/step-1"
+
+
+@pytest.fixture
+def storage(url: str) -> Storage:
+    return get_storage(url)
+
+
+class FakeClock:
+    """A clock that moves only when the rendezvous sleeps; records each delay."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, secs: float) -> None:
+        self.sleeps.append(secs)
+        self.now += secs
+
+
+def rendezvous(
+    storage: Storage, url: str, rank: int, world: int, clock: FakeClock, timeout: float = 5.0
+) -> StoreRendezvous:
+    return StoreRendezvous(
+        storage,
+        url,
+        "run-1",
+        RankInfo(global_rank=rank, global_world_size=world),
+        timeout_secs=timeout,
+        poll_interval_secs=0.5,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+
+
+def test_missing_rank_times_out_naming_it_with_backed_off_polls(
+    storage: Storage, url: str
+) -> None:
+    clock = FakeClock()
+    storage.put_bytes(rank_record_url(url, "run-1", 0), b"{}")
+    storage.put_bytes(rank_record_url(url, "run-1", 2), b"{}")
+    with pytest.raises(SaveFailedError, match=r"rank\(s\) \[1\] did not finish within 5s") as err:
+        rendezvous(storage, url, 0, 3, clock).wait_all_ranks()
+    assert err.value.url == url and err.value.rank == 0
+    assert "commit_timeout_secs" in str(err.value)
+    # 10 ms first, doubling up to the 0.5 s poll interval, until the 5 s deadline
+    assert clock.sleeps[:7] == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.5]
+    assert set(clock.sleeps[7:]) == {0.5}
+    assert 5.0 <= clock.now < 5.5
+
+
+def test_a_failed_rank_fails_the_wait_at_once_with_its_error(storage: Storage, url: str) -> None:
+    clock = FakeClock()
+    storage.put_bytes(rank_record_url(url, "run-1", 0), b"{}")
+    rendezvous(storage, url, 1, 3, clock).report_failure(ValueError("disk on fire"))
+    with pytest.raises(SaveFailedError, match="failed on rank 1: ValueError: disk on fire"):
+        rendezvous(storage, url, 0, 3, clock).wait_all_ranks()
+    assert clock.sleeps == []  # rank 2 is still missing, but the failure decides
+
+
+def test_all_ranks_present_returns_without_waiting(storage: Storage, url: str) -> None:
+    clock = FakeClock()
+    for r in range(4):
+        storage.put_bytes(rank_record_url(url, "run-1", r), b"{}")
+    rendezvous(storage, url, 2, 4, clock).wait_all_ranks()
+    assert clock.sleeps == []
+
+
+def test_wait_commit_sees_the_manifest_the_commit_failure_or_the_deadline(
+    storage: Storage, url: str
+) -> None:
+    manifest_url = join_url(url, MANIFEST_NAME)
+    clock = FakeClock()
+    with pytest.raises(SaveFailedError, match="rank 0 did not commit within 2s"):
+        rendezvous(storage, url, 1, 2, clock, timeout=2.0).wait_commit(manifest_url)
+    rendezvous(storage, url, 0, 2, clock).report_commit_failure(RuntimeError("quota"))
+    with pytest.raises(SaveFailedError, match="rank 0 could not commit: RuntimeError: quota"):
+        rendezvous(storage, url, 1, 2, FakeClock()).wait_commit(manifest_url)
+    storage.put_bytes(manifest_url, b"{}")
+    rendezvous(storage, url, 1, 2, FakeClock()).wait_commit(manifest_url)
+
+
+# --- upstream barrier construction ----------------------------------------------------------
+
+
+def test_no_barrier_by_default() -> None:
+    assert make_barrier(BarrierConfig(), RankInfo(global_rank=0, global_world_size=2), 60) is None
+
+
+def test_unknown_barrier_type_names_the_registered_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown barrier type 'nope'.*dist_barrier.*tcp_store"):
+        make_barrier(BarrierConfig("nope"), RankInfo(global_rank=0, global_world_size=1), 60)
+
+
+def test_tcp_store_without_a_port_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ValueError, match=r"needs barrier_args \['tcpstore_port'\]"):
+        check_writer_barrier_config(
+            BarrierConfig("tcp_store"), RankInfo(global_rank=1, global_world_size=2), 60
+        )
+    monkeypatch.delenv("MASTER_ADDR")
+    with pytest.raises(ValueError, match=r"\['tcpstore_port', 'master_address'\]"):
+        make_barrier(BarrierConfig("tcp_store"), RankInfo(global_rank=1, global_world_size=2), 60)
+
+
+def test_tcp_store_barrier_gets_its_rank_fields_from_rank_info() -> None:
+    """Upstream's BarrierConfig carries one barrier_args for all ranks, so the per-rank fields
+    come from RankInfo; one rank with world size 1 passes its own barrier."""
+    config = BarrierConfig(
+        "tcp_store", {"tcpstore_port": find_free_port(), "master_address": "127.0.0.1"}
+    )
+    barrier = make_barrier(config, RankInfo(global_rank=0, global_world_size=1), 30)
+    assert barrier is not None
+    assert (barrier._global_rank, barrier._global_world_size) == (0, 1)  # type: ignore[attr-defined]
+    assert barrier._barrier_prefix == "cloudckpt-commit"  # type: ignore[attr-defined]
+    barrier.execute_barrier()
+    barrier.execute_barrier()
+
+
+def test_explicit_barrier_args_win_over_injected_ones() -> None:
+    config = BarrierConfig(
+        "tcp_store",
+        {
+            "tcpstore_port": find_free_port(),
+            "master_address": "127.0.0.1",
+            "barrier_prefix": "mine",
+            "global_rank": 0,
+            "global_world_size": 1,
+        },
+    )
+    barrier = make_barrier(config, RankInfo(global_rank=0, global_world_size=1), 30)
+    assert barrier._barrier_prefix == "mine"  # type: ignore[union-attr]
+
+
+def test_dist_barrier_in_the_writer_needs_a_process_group() -> None:
+    assert not dist.is_initialized()
+    rank_info = RankInfo(global_rank=0, global_world_size=2)
+    with pytest.raises(ValueError, match="needs an initialized process group rendezvoused"):
+        check_writer_barrier_config(BarrierConfig("dist_barrier"), rank_info, 60)
+    with pytest.raises(ValueError, match=r"needs an initialized torch\.distributed process group"):
+        make_barrier(BarrierConfig("dist_barrier"), rank_info, 60)
+
+
+def test_dist_barrier_without_a_group_meets_on_the_given_store() -> None:
+    """The async writer's dist_barrier: every rank arrives before any leaves, per save id, and
+    a rank that never comes makes the others fail within the timeout, naming it."""
+    port = find_free_port()
+    master = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10))
+    world = 3
+    barriers = [
+        make_barrier(
+            BarrierConfig("dist_barrier"),
+            RankInfo(global_rank=r, global_world_size=world),
+            10,
+            store_address=StoreAddress("127.0.0.1", port),
+            run_id="run-x",
+        )
+        for r in range(world)
+    ]
+    assert all(isinstance(b, GroupStoreBarrier) for b in barriers)
+    arrived: list[int] = []
+    left: list[int] = []
+    lock = threading.Lock()
+
+    def meet(r: int, save_id: str) -> None:
+        with lock:
+            arrived.append(r)
+        barriers[r].execute_barrier_for(save_id)  # type: ignore[union-attr]
+        with lock:
+            left.append(r)
+            assert len(arrived) == world  # nobody leaves before everyone arrived
+
+    for save_id in ("run-x-1", "run-x-2"):
+        arrived.clear()
+        left.clear()
+        with ThreadPoolExecutor(world) as pool:
+            list(pool.map(meet, range(world), [save_id] * world))
+        assert sorted(left) == [0, 1, 2]
+
+    lonely = GroupStoreBarrier(
+        StoreAddress("127.0.0.1", port),
+        RankInfo(global_rank=0, global_world_size=2),
+        run_id="run-y",
+        timeout_secs=0.5,
+    )
+    with pytest.raises(Exception, match=r"missing_ranks=\[1\]"):
+        lonely.execute_barrier_for("run-y-1")
+    del master
+
+
+# --- whole multi-rank saves, one thread per rank --------------------------------------------
+
+
+def save_on_ranks(
+    url: str,
+    states: list[dict[str, Any]],
+    *,
+    run_id: str,
+    writer_config: CheckpointWriterConfig | None = None,
+    before_write: Callable[[int], None] | None = None,
+    hook_for: Callable[[int], cloudckpt.WriterHook] | None = None,
+) -> list[BaseException | None]:
+    """Every rank's CheckpointWriter.write on its own thread; each rank's outcome."""
+    world = len(states)
+
+    def one(rank: int) -> BaseException | None:
+        writer = cloudckpt.CheckpointWriter(
+            writer_config or CheckpointWriterConfig(commit_timeout_secs=5),
+            RankInfo(global_rank=rank, global_world_size=world),
+            commit_hook=hook_for(rank) if hook_for is not None else None,
+            run_id=run_id,
+        )
+        try:
+            if before_write is not None:
+                before_write(rank)
+            writer.write(url, states[rank])
+            return None
+        except BaseException as e:
+            return e
+        finally:
+            writer.close()
+
+    with ThreadPoolExecutor(world) as pool:
+        return list(pool.map(one, range(world)))
+
+
+def rank_state(rank: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(rank)
+    return {"w": torch.randn(64, 32, generator=g), "rank": rank}
+
+
+def test_threads_as_ranks_commit_one_checkpoint_every_rank_can_read(url: str) -> None:
+    states = [rank_state(r) for r in range(3)]
+    assert save_on_ranks(url, states, run_id="t1") == [None, None, None]
+    reader = cloudckpt.CheckpointReader()
+    assert reader.read_manifest(url).world_size == 3
+    for r, loaded in reader.read_all_ranks(url).items():
+        assert_bitwise_equal(loaded, states[r])
+    same_world = cloudckpt.CheckpointReader(RankInfo(global_rank=2, global_world_size=3))
+    assert_bitwise_equal(same_world.read(url)[0], states[2])
+
+
+def test_loading_at_another_world_size_is_refused_unless_a_rank_is_named(url: str) -> None:
+    states = [rank_state(r) for r in range(2)]
+    assert save_on_ranks(url, states, run_id="t2") == [None, None]
+    reader = cloudckpt.CheckpointReader(RankInfo(global_rank=1, global_world_size=4))
+    with pytest.raises(StateDictMismatchError, match=r"saved by 2 rank.*this job has 4") as err:
+        reader.read(url)
+    assert "pass rank=" in str(err.value)
+    assert_bitwise_equal(reader.read(url, rank=0)[0], states[0])
+    # a lone process (a restore script) reads rank 0 unless told otherwise
+    assert_bitwise_equal(cloudckpt.CheckpointReader().read(url)[0], states[0])
+
+
+def test_a_refusing_pre_commit_hook_on_one_rank_fails_every_rank(url: str) -> None:
+    class Refuse(cloudckpt.WriterHook):
+        def __init__(self, rank: int) -> None:
+            self.rank = rank
+
+        def pre_commit(self, path: str, **kwargs: Any) -> None:
+            if self.rank == 1:
+                raise RuntimeError("rank 1's hook says no")
+
+        def post_commit(self, path: str, **kwargs: Any) -> None:
+            return None
+
+    states = [rank_state(r) for r in range(2)]
+    outcomes = save_on_ranks(url, states, run_id="t3", hook_for=Refuse)
+    assert isinstance(outcomes[1], RuntimeError)
+    assert isinstance(outcomes[0], SaveFailedError)
+    assert "failed on rank 1: RuntimeError: rank 1's hook says no" in str(outcomes[0])
+    assert not get_storage(url).exists(join_url(url, MANIFEST_NAME))
+
+
+def test_a_rank_that_never_writes_fails_the_others_within_commit_timeout(url: str) -> None:
+    states = [rank_state(r) for r in range(2)]
+    gone = threading.Event()
+
+    def rank_1_vanishes(rank: int) -> None:
+        if rank == 1:
+            gone.set()
+            raise KeyboardInterrupt  # stands in for a process that dies without a word
+
+    outcomes = save_on_ranks(
+        url,
+        states,
+        run_id="t4",
+        writer_config=CheckpointWriterConfig(commit_timeout_secs=0.5, poll_interval_secs=0.05),
+        before_write=rank_1_vanishes,
+    )
+    assert gone.is_set()
+    assert isinstance(outcomes[0], SaveFailedError)
+    assert "rank(s) [1] did not finish within" in str(outcomes[0])
+    assert not get_storage(url).exists(join_url(url, MANIFEST_NAME))
