@@ -8,16 +8,23 @@ no process group of its own)::
     phase 1  every rank writes  .cloudckpt/<save_id>/rank_<r>.json    (its object is durable)
              or, on failure,     .cloudckpt/<save_id>/failed_<r>.json  (its error message)
              and polls the folder until all ranks succeeded, one failed, or the timeout passed
-    phase 2  rank 0 writes the manifest, or commit_failed.json; the other ranks poll for one
+    phase 2  rank 0 claims the commit (decision.json, conditional put), writes the manifest, or
+             commit_failed.json; the other ranks poll for one
+
+A rank whose wait times out claims the abort in the same decision.json: the conditional put
+lets only one of "rank 0 commits" and "a rank gave up" take effect, so a rank never reports a
+failure for a save that rank 0 then commits. A rank that finds the commit already claimed waits
+for the manifest instead (once more up to the timeout).
 
 ``save_id`` must be the same on every rank and new for every save: the checkpointer derives it
 from a run id agreed once (broadcast from rank 0) and a per-save sequence number.
 
 After the rendezvous, the barrier chosen by upstream's ``BarrierConfig`` runs (:func:`make_barrier`):
-``tcp_store`` and ``dist_barrier`` as upstream builds them, with the rank fields upstream's
+``tcp_store`` and ``dist_barrier`` take upstream's arguments, with the rank fields upstream's
 docstring promises but does not inject filled in from ``RankInfo``. The async writer subprocess
-has no process group, so there ``dist_barrier`` meets on the default group's TCPStore instead
-(:class:`GroupStoreBarrier`, keyed by save id so a restarted writer rejoins cleanly).
+has no process group, so there ``dist_barrier`` meets on the default group's TCPStore instead.
+Both run as a :class:`StoreBarrier`: keyed by save id, so a restarted writer rejoins cleanly, and
+bounded by the writer's ``write_barrier_timeout_secs``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -34,14 +42,48 @@ from datetime import timedelta
 from typing import Any
 
 from ._upstream import BARRIER_REGISTRY, Barrier, BarrierConfig, RankInfo
-from .errors import SaveFailedError
+from .errors import CheckpointError, CommitConflictError, SaveFailedError
 from .manifest import RANK_RECORD_DIR
 from .storage import Storage, join_url
 
 logger = logging.getLogger(__name__)
 
 COMMIT_FAILED_NAME = "commit_failed.json"
+DECISION_NAME = "decision.json"
 FIRST_POLL_SECS = 0.01
+
+
+def default_rank_info() -> RankInfo:
+    """This process's rank from the default process group, or a single rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return RankInfo(global_world_size=dist.get_world_size(), global_rank=dist.get_rank())
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        logger.warning(
+            "WORLD_SIZE=%s but no torch.distributed process group is initialized: this "
+            "checkpointer saves as rank 0 of 1; call init_process_group before building it",
+            os.environ["WORLD_SIZE"],
+        )
+    return RankInfo(global_world_size=1, global_rank=0)
+
+
+def check_rank_info_unchanged(derived: RankInfo, url: str) -> None:
+    """Refuse a save or load whose rank info, derived from the process group when the
+    checkpointer was built, no longer matches it (built before ``init_process_group``): every
+    rank would save as rank 0 of 1, over each other's objects."""
+    now = default_rank_info()
+    before = (derived.global_rank, derived.global_world_size)
+    if (now.global_rank, now.global_world_size) != before:
+        raise CheckpointError(
+            f"cannot use {url}: the checkpointer was built as rank {before[0]} of {before[1]}, "
+            f"but this process is rank {now.global_rank} of {now.global_world_size} of its "
+            "process group",
+            url=url,
+            rank=now.global_rank,
+            hint="build the checkpointer after torch.distributed.init_process_group, or pass "
+            "rank_info= to the builder explicitly",
+        )
 
 
 def agree_run_id(rank_info: RankInfo) -> str:
@@ -110,12 +152,14 @@ class StoreRendezvous:
         self._storage = storage
         self._url = ckpt_url
         self._save_id = save_id
+        self._folder = records_url(ckpt_url, save_id)
         self._rank = rank_info.global_rank
         self._world = rank_info.global_world_size
         self._timeout = timeout_secs
         self._poll = poll_interval_secs
         self._clock = clock
         self._sleep = sleep
+        self._commit_claimed = False  # seen rank 0's claim: waits for the manifest go on
 
     def _delays(self) -> Iterator[float]:
         """Poll delays: 10 ms at first, doubling to ``poll_interval_secs``.
@@ -128,34 +172,90 @@ class StoreRendezvous:
             yield delay
             delay = min(2 * delay, self._poll)
 
+    def _error(self, what: str, hint: str | None = None) -> SaveFailedError:
+        return SaveFailedError(
+            f"save to {self._url} failed: {what}", url=self._url, rank=self._rank, hint=hint
+        )
+
+    # --- the decision ---------------------------------------------------------------------
+    def _decision(self) -> dict[str, Any]:
+        return dict(json.loads(self._storage.get_bytes(join_url(self._folder, DECISION_NAME))))
+
+    def _claim(self, outcome: str, reason: str) -> dict[str, Any] | None:
+        """Record this save's outcome unless one is recorded; None if this claim took effect,
+        else the outcome already decided."""
+        doc = {"outcome": outcome, "rank": self._rank, "reason": reason}
+        try:
+            self._storage.put_bytes(
+                join_url(self._folder, DECISION_NAME), json.dumps(doc).encode(), if_absent=True
+            )
+            return None
+        except CommitConflictError:
+            decided = self._decision()
+            # A retried put whose first attempt landed finds its own claim.
+            return None if decided == doc else decided
+
+    def _aborted(self, decided: dict[str, Any]) -> SaveFailedError:
+        return self._error(
+            f"rank {decided.get('rank')} gave up: {decided.get('reason')}",
+            hint="nothing was committed; the rank that gave up names what it waited for",
+        )
+
+    def claim_commit(self) -> None:
+        """Rank 0, just before the manifest: take the commit; raise if a rank gave up first."""
+        decided = self._claim("commit", "")
+        if decided is not None:
+            raise self._aborted(decided)
+
+    def _give_up(self, what: str, hint: str) -> None:
+        """A wait timed out: claim the abort and raise, unless rank 0 already claimed the
+        commit (then return: the caller waits for the manifest)."""
+        decided = self._claim("abort", what)
+        if decided is None:
+            raise self._error(what, hint=hint + "; nothing was committed")
+        if decided.get("outcome") != "commit":
+            raise self._aborted(decided)
+        self._commit_claimed = True
+        logger.info("rank %d: %s, but rank 0 is committing %s", self._rank, what, self._url)
+
+    def _check_decision(self, names: set[str]) -> None:
+        """Raise if the listing shows an abort; remember a commit claim."""
+        if DECISION_NAME in names and not self._commit_claimed:
+            decided = self._decision()
+            if decided.get("outcome") != "commit":
+                raise self._aborted(decided)
+            self._commit_claimed = True
+
+    # --- the waits ------------------------------------------------------------------------
     def report_failure(self, error: BaseException) -> None:
         """Tell the other ranks this rank failed (best effort: they time out otherwise)."""
         record_failure(self._storage, self._url, self._save_id, self._rank, error)
 
+    def _names(self) -> set[str]:
+        return {o.url.rsplit("/", 1)[-1] for o in self._storage.list(self._folder)}
+
     def wait_all_ranks(self) -> None:
         """Phase 1: return once every rank's record exists; raise if one failed or timed out."""
-        folder = records_url(self._url, self._save_id)
         deadline = self._clock() + self._timeout
         delays = self._delays()
         while True:
-            names = {o.url.rsplit("/", 1)[-1] for o in self._storage.list(folder)}
+            names = self._names()
             failed = sorted(
                 int(n[len("failed_") : -len(".json")]) for n in names if n.startswith("failed_")
             )
             if failed:
                 raise self._peer_failure(failed[0])
+            self._check_decision(names)
             missing = [r for r in range(self._world) if f"rank_{r}.json" not in names]
-            if not missing:
+            if not missing or self._commit_claimed:
                 return
             if self._clock() >= deadline:
-                raise SaveFailedError(
-                    f"save to {self._url} failed: rank(s) {missing} did not finish within "
-                    f"{self._timeout:.0f}s",
-                    url=self._url,
-                    rank=self._rank,
-                    hint="a rank crashed or hangs; nothing was committed "
+                self._give_up(
+                    f"rank(s) {missing} did not finish within {self._timeout:.0f}s",
+                    "a rank crashed, hangs or saves another path "
                     "(CheckpointWriterConfig.commit_timeout_secs bounds this wait)",
                 )
+                return
             self._sleep(next(delays))
 
     def _peer_failure(self, rank: int) -> SaveFailedError:
@@ -177,34 +277,51 @@ class StoreRendezvous:
         """Rank 0: the manifest could not be written; release the waiting ranks."""
         try:
             self._storage.put_bytes(
-                join_url(records_url(self._url, self._save_id), COMMIT_FAILED_NAME),
+                join_url(self._folder, COMMIT_FAILED_NAME),
                 json.dumps({"error": f"{type(error).__name__}: {error}"}).encode(),
             )
         except Exception as e:
             logger.warning("rank 0 could not record the commit failure at %s: %s", self._url, e)
 
+    def give_up_after(self, error: BaseException) -> None:
+        """This rank failed after phase 1 (its barrier): claim the abort and raise ``error``,
+        unless rank 0 already claimed the commit (then return: wait for the manifest)."""
+        decided = self._claim("abort", f"{type(error).__name__}: {error}")
+        if decided is None or decided.get("outcome") != "commit":
+            raise error
+        self._commit_claimed = True
+
     def wait_commit(self, manifest_url: str) -> None:
-        """Phase 2 (ranks != 0): return once rank 0 committed; raise if it failed or timed out."""
-        failed_url = join_url(records_url(self._url, self._save_id), COMMIT_FAILED_NAME)
+        """Phase 2 (ranks != 0): return once rank 0 committed; raise if it failed or timed out.
+        Once rank 0 claimed the commit, the wait goes on for one more timeout at most."""
         deadline = self._clock() + self._timeout
         delays = self._delays()
+        extended = False
         while True:
             if self._storage.exists(manifest_url):
                 return
-            if self._storage.exists(failed_url):
-                doc = json.loads(self._storage.get_bytes(failed_url))
-                raise SaveFailedError(
-                    f"save to {self._url} failed: rank 0 could not commit: {doc.get('error')}",
-                    url=self._url,
-                    rank=self._rank,
+            names = self._names()
+            if COMMIT_FAILED_NAME in names:
+                doc = json.loads(
+                    self._storage.get_bytes(join_url(self._folder, COMMIT_FAILED_NAME))
                 )
+                raise self._error(f"rank 0 could not commit: {doc.get('error')}")
+            self._check_decision(names)
             if self._clock() >= deadline:
-                raise SaveFailedError(
-                    f"save to {self._url} failed: rank 0 did not commit within {self._timeout:.0f}s",
-                    url=self._url,
-                    rank=self._rank,
-                    hint="rank 0 crashed or hangs; nothing was committed",
-                )
+                if not self._commit_claimed:
+                    self._give_up(
+                        f"rank 0 did not commit within {self._timeout:.0f}s",
+                        "rank 0 crashed or hangs",
+                    )
+                if extended:
+                    raise self._error(
+                        f"rank 0 claimed the commit but its manifest did not appear within "
+                        f"{2 * self._timeout:.0f}s",
+                        hint="rank 0 stalls while writing the manifest: the checkpoint may still "
+                        "become committed; check CheckpointManager.list() before relying on it",
+                    )
+                extended = True
+                deadline = self._clock() + self._timeout
             self._sleep(next(delays))
 
 
@@ -237,26 +354,28 @@ def default_store_address() -> StoreAddress | None:
     return StoreAddress(store.host, store.port)
 
 
-class GroupStoreBarrier(Barrier):
-    """``dist_barrier`` for a process without a process group (the async writer): every rank
-    meets on the default group's TCPStore, under a key of the save (or a sequence number)."""
+class StoreBarrier(Barrier):
+    """A barrier of every rank on a torch.distributed store, under a key of the save: a
+    restarted process (the async writer) rejoins the next save cleanly, and every wait is bounded
+    by ``timeout_secs`` (upstream's barriers wait 300 s, or 30 min for ``dist.barrier``).
+
+    ``connect`` returns the store for one barrier: a shared object (the process group's own
+    store, or the TCPStore rank 0 hosts), or a fresh client, so that a rank reconnects to a
+    restarted server instead of failing on a dead connection.
+    """
 
     def __init__(
-        self, address: StoreAddress, rank_info: RankInfo, *, run_id: str, timeout_secs: float
+        self,
+        connect: Callable[[], Any],
+        rank_info: RankInfo,
+        *,
+        key_prefix: str,
+        timeout_secs: float,
     ) -> None:
-        import torch.distributed as dist
-
-        self._store = dist.PrefixStore(
-            f"cloudckpt/{run_id}/",
-            dist.TCPStore(
-                address.host,
-                address.port,
-                is_master=False,
-                timeout=timedelta(seconds=timeout_secs),
-            ),
-        )
+        self._connect = connect
         self._rank = rank_info.global_rank
         self._world = rank_info.global_world_size
+        self._prefix = key_prefix.rstrip("/") + "/"
         self._timeout = timeout_secs
         self._seq = 0
 
@@ -265,17 +384,58 @@ class GroupStoreBarrier(Barrier):
         self.execute_barrier_for(f"seq-{self._seq}")
 
     def execute_barrier_for(self, save_id: str) -> None:
-        """Wait for every rank's writer at the barrier of ``save_id``."""
+        """Wait for every rank at the barrier of ``save_id``."""
         import torch.distributed.elastic.utils.store as store_util
 
         store_util.barrier(
-            self._store,
+            self._connect(),
             self._world,
-            f"{save_id}/",
+            f"{self._prefix}{save_id}",
             barrier_timeout=self._timeout,
             rank=self._rank,
             trace_timeout=min(10.0, self._timeout),  # naming the missing ranks, after a timeout
         )
+
+
+def _tcp_client(host: str, port: int, timeout_secs: float) -> Callable[[], Any]:
+    """A connect function making a new TCPStore client per barrier."""
+    import torch.distributed as dist
+
+    def connect() -> Any:
+        return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_secs))
+
+    return connect
+
+
+def _tcp_store_barrier(kwargs: dict[str, Any], rank_info: RankInfo) -> StoreBarrier:
+    """``tcp_store`` with upstream's arguments: rank 0 hosts the TCPStore (without waiting for
+    the others to connect, so a restarted rank 0 is not stuck at construction), the others
+    connect per barrier."""
+    import torch.distributed as dist
+
+    port = kwargs["tcpstore_port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(
+            f"BarrierConfig(barrier_type='tcp_store'): tcpstore_port must be an int within "
+            f"[1, 65535], got {port!r}"
+        )
+    host = str(kwargs["master_address"])
+    timeout_secs = float(kwargs["timeout_secs"])
+    if rank_info.global_rank == 0:
+        master = dist.TCPStore(
+            host,
+            port,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=timeout_secs),
+            use_libuv=bool(kwargs["use_checkpoint_barrier_tcpstore_libuv"]),
+        )
+        connect: Callable[[], Any] = lambda: master  # noqa: E731
+    else:
+        connect = _tcp_client(host, port, float(kwargs["timeout_barrier_init_secs"]))
+    return StoreBarrier(
+        connect, rank_info, key_prefix=str(kwargs["barrier_prefix"]), timeout_secs=timeout_secs
+    )
 
 
 def _barrier_kwargs(
@@ -287,17 +447,23 @@ def _barrier_kwargs(
         raise ValueError(
             f"unknown barrier type {config.barrier_type!r}; registered: {sorted(BARRIER_REGISTRY)}"
         )
+    if not isinstance(config.barrier_args, dict):
+        raise ValueError(
+            f"BarrierConfig(barrier_type={config.barrier_type!r}): barrier_args must be a dict, "
+            f"got {type(config.barrier_args).__name__}"
+        )
     cls = BARRIER_REGISTRY[config.barrier_type]
+    whole_secs = max(1, math.ceil(timeout_secs))  # upstream's barriers take int seconds
     known: dict[str, Any] = {
         "rank_info": rank_info,
         "global_rank": rank_info.global_rank,
         "global_world_size": rank_info.global_world_size,
-        "timeout_secs": int(timeout_secs),
+        "timeout_secs": whole_secs,
     }
     if config.barrier_type == TCP_STORE_BARRIER:
         known.update(
             barrier_prefix="cloudckpt-commit",
-            timeout_barrier_init_secs=int(timeout_secs),
+            timeout_barrier_init_secs=whole_secs,
             use_checkpoint_barrier_tcpstore_libuv=False,
         )
         if os.environ.get("MASTER_ADDR"):
@@ -352,21 +518,35 @@ def make_barrier(
     timeout_secs: float,
     *,
     store_address: StoreAddress | None = None,
-    run_id: str = "",
 ) -> Barrier | None:
-    """The barrier ``config`` selects, as upstream's ``create_barrier_from_config`` builds it,
-    with rank fields filled in; ``dist_barrier`` without a process group in this process (the
-    async writer) meets on ``store_address`` instead."""
+    """The barrier ``config`` selects, bounded by ``timeout_secs``.
+
+    ``tcp_store`` and ``dist_barrier`` take upstream's arguments but run as a
+    :class:`StoreBarrier` (keyed by save, bounded): ``dist_barrier`` on the default process
+    group's store, or, in a process without a group (the async writer), on ``store_address``.
+    Other registered types are built as upstream builds them, with rank fields filled in.
+    """
     import torch.distributed as dist
 
     if config.barrier_type is None:
         return None
-    if config.barrier_type == DIST_BARRIER and not dist.is_initialized():
-        if store_address is None:
-            raise ValueError(
-                f"rank {rank_info.global_rank}: BarrierConfig(barrier_type='dist_barrier') needs "
-                "an initialized torch.distributed process group"
-            )
-        return GroupStoreBarrier(store_address, rank_info, run_id=run_id, timeout_secs=timeout_secs)
     cls, kwargs = _barrier_kwargs(config, rank_info, timeout_secs)
-    return cls(**kwargs)
+    if config.barrier_type == TCP_STORE_BARRIER:
+        if "timeout_secs" not in config.barrier_args:
+            kwargs["timeout_secs"] = timeout_secs  # not rounded up: this one takes floats
+        return _tcp_store_barrier(kwargs, rank_info)
+    if config.barrier_type != DIST_BARRIER:
+        return cls(**kwargs)
+    if dist.is_initialized():
+        group_store = dist.distributed_c10d._get_default_store()
+        connect: Callable[[], Any] = lambda: group_store  # noqa: E731
+    elif store_address is not None:
+        connect = _tcp_client(store_address.host, store_address.port, timeout_secs)
+    else:
+        raise ValueError(
+            f"rank {rank_info.global_rank}: BarrierConfig(barrier_type='dist_barrier') needs "
+            "an initialized torch.distributed process group"
+        )
+    return StoreBarrier(
+        connect, rank_info, key_prefix="cloudckpt-dist-barrier", timeout_secs=timeout_secs
+    )

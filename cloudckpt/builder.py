@@ -5,23 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch.distributed as dist
-
 from ._upstream import BarrierConfig, CheckpointStager, RankInfo, WriterHook
-from .barriers import StoreAddress, agree_run_id, check_writer_barrier_config, make_barrier
+from .barriers import (
+    StoreAddress,
+    agree_run_id,
+    check_writer_barrier_config,
+    default_rank_info,
+    make_barrier,
+)
 from .checkpointer import AsyncCheckpointer, SyncCheckpointer
 from .config import CheckpointerConfig, CheckpointWriterConfig, StorageConfig
 from .process import CheckpointProcess
 from .reader import CheckpointReader
 from .staging import CloudStager
 from .writer import CheckpointWriter
-
-
-def default_rank_info() -> RankInfo:
-    """This process's rank from the default process group, or a single rank."""
-    if dist.is_available() and dist.is_initialized():
-        return RankInfo(global_world_size=dist.get_world_size(), global_rank=dist.get_rank())
-    return RankInfo(global_world_size=1, global_rank=0)
 
 
 def default_subprocess_init_fn(*_: Any) -> None:
@@ -46,7 +43,6 @@ def default_writer_init_fn(
         rank_info,
         config.write_barrier_timeout_secs,
         store_address=store_address,
-        run_id=run_id or "",
     )
     return CheckpointWriter(
         config=config,
@@ -72,7 +68,8 @@ def make_sync_checkpointer(
         state = ckpt.load("s3://bucket/run/step-100")
     """
     config = config or CheckpointerConfig()
-    rank_info = rank_info or default_rank_info()
+    derived_rank_info = None if rank_info is not None else default_rank_info()
+    rank_info = rank_info or derived_rank_info
     storage_config = config.storage_config()
     writer = CheckpointWriter(
         config=config.writer_config,
@@ -84,7 +81,7 @@ def make_sync_checkpointer(
         storage_config=storage_config,
     )
     reader = CheckpointReader(rank_info, config.reader_config, storage_config=storage_config)
-    return SyncCheckpointer(writer=writer, reader=reader)
+    return SyncCheckpointer(writer=writer, reader=reader, derived_rank_info=derived_rank_info)
 
 
 def make_async_checkpointer(
@@ -106,7 +103,8 @@ def make_async_checkpointer(
         write_future.result()   # committed
     """
     config = config or CheckpointerConfig()
-    rank_info = rank_info or default_rank_info()
+    derived_rank_info = None if rank_info is not None else default_rank_info()
+    rank_info = rank_info or derived_rank_info
     storage_config = config.storage_config()
     store_address = check_writer_barrier_config(
         config.barrier_config,
@@ -136,5 +134,9 @@ def make_async_checkpointer(
     )
     reader = CheckpointReader(rank_info, config.reader_config, storage_config=storage_config)
     return AsyncCheckpointer(
-        checkpoint_stager=stager, checkpoint_process=process, reader=reader, run_id=run_id
+        checkpoint_stager=stager,
+        checkpoint_process=process,
+        reader=reader,
+        run_id=run_id,
+        derived_rank_info=derived_rank_info,
     )

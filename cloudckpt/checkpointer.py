@@ -16,10 +16,12 @@ from typing import Any
 
 from ._upstream import (
     STATE_DICT,
+    RankInfo,
     UpstreamAsyncCheckpointer,
     UpstreamSyncCheckpointer,
     wrap_future,
 )
+from .barriers import check_rank_info_unchanged
 from .errors import StateDictMismatchError, UnsupportedURLError
 from .storage import is_process_local
 from .writer import SaveMetrics
@@ -27,10 +29,22 @@ from .writer import SaveMetrics
 logger = logging.getLogger(__name__)
 
 
-class _LoadMixin:
-    """``load`` as upstream's, plus ``rank=``, raising StateDictMismatchError for strict misses."""
+class _CheckpointerMixin:
+    """``load`` as upstream's, plus ``rank=``, raising StateDictMismatchError for strict misses;
+    saves and loads refused once the process group disagrees with the rank the builder derived
+    from it (``derived_rank_info``; None when the caller gave ``rank_info``)."""
 
     _reader: Any
+
+    def __init__(
+        self, *args: Any, derived_rank_info: RankInfo | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._derived_rank_info = derived_rank_info
+
+    def _check_ranks(self, path: str) -> None:
+        if self._derived_rank_info is not None:
+            check_rank_info_unchanged(self._derived_rank_info, path)
 
     def load(
         self,
@@ -41,6 +55,7 @@ class _LoadMixin:
         strict: bool = False,
         **kwargs: Any,
     ) -> STATE_DICT:
+        self._check_ranks(path)
         logger.info("loading checkpoint from %s", path)
         loaded, missing = self._reader.read(
             path=path, state_dict=state_dict, map_location=default_map_location, **kwargs
@@ -54,7 +69,7 @@ class _LoadMixin:
         return loaded
 
 
-class SyncCheckpointer(_LoadMixin, UpstreamSyncCheckpointer):
+class SyncCheckpointer(_CheckpointerMixin, UpstreamSyncCheckpointer):
     """Saves in the calling thread: ``save()`` returns once the checkpoint is committed."""
 
     @property
@@ -63,6 +78,7 @@ class SyncCheckpointer(_LoadMixin, UpstreamSyncCheckpointer):
 
     def save(self, path: str, state_dict: STATE_DICT, **kwargs: Any) -> None:
         started = time.perf_counter()
+        self._check_ranks(path)
         super().save(path, state_dict, **kwargs)
         metrics = self.last_metrics
         if metrics is not None:
@@ -70,7 +86,7 @@ class SyncCheckpointer(_LoadMixin, UpstreamSyncCheckpointer):
         return None
 
 
-class AsyncCheckpointer(_LoadMixin, UpstreamAsyncCheckpointer):
+class AsyncCheckpointer(_CheckpointerMixin, UpstreamAsyncCheckpointer):
     """Stages tensors to CPU, then writes from a spawned subprocess (see ``cloudckpt.process``).
 
     Like upstream, a new ``save`` first waits for the previous write to finish; unlike
@@ -90,6 +106,7 @@ class AsyncCheckpointer(_LoadMixin, UpstreamAsyncCheckpointer):
         self, path: str, state_dict: STATE_DICT, **kwargs: Any
     ) -> tuple[Future, Future] | None:
         started = time.perf_counter()
+        self._check_ranks(path)
         if is_process_local(path):
             raise UnsupportedURLError(
                 f"cannot save {path} asynchronously: memory:// lives inside one process and the "
@@ -100,9 +117,14 @@ class AsyncCheckpointer(_LoadMixin, UpstreamAsyncCheckpointer):
         if self._write_future is not None:
             wait([self._write_future])
         self._save_seq += 1
-        staging_result = self._checkpoint_stager.stage(state_dict=state_dict, **kwargs)
+        save_id = f"{self._run_id}-{self._save_seq}"
+        try:
+            staging_result = self._checkpoint_stager.stage(state_dict=state_dict, **kwargs)
+        except Exception as e:
+            self._checkpoint_process.report_failure(path, save_id, e)
+            raise
         write_future = self._checkpoint_process.write(
-            staging_result, path, save_id=f"{self._run_id}-{self._save_seq}", **kwargs
+            staging_result, path, save_id=save_id, **kwargs
         )
         self._write_future = write_future
         metrics = SaveMetrics(path=path, rank=-1)
@@ -113,6 +135,11 @@ class AsyncCheckpointer(_LoadMixin, UpstreamAsyncCheckpointer):
 
         def staged(f: Future) -> None:
             metrics.blocked_secs = time.perf_counter() - started
+            error = None if f.cancelled() else f.exception()
+            if isinstance(error, Exception):  # e.g. an object deepcopy cannot copy
+                # Recorded before the caller sees it: the other ranks fail now, not at the
+                # commit timeout, even if this rank closes the checkpointer at once.
+                self._checkpoint_process.report_failure(path, save_id, error)
             _forward(f, stage_future, None)
 
         def written(f: Future) -> None:

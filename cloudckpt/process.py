@@ -6,7 +6,9 @@ Differences from upstream that a training job relies on:
   travels back and is raised by the write future with its original type;
 * a subprocess that dies mid-save (OOM-killed, segfault, kill -9) turns into a SaveFailedError
   naming the path and exit code on the write future, the other ranks are told at once (its
-  failure record, written from this process), and the next save starts a fresh subprocess;
+  failure record, written from this process, as for a failure in staging or at the writer's
+  start), and the next save starts a fresh subprocess;
+* a subprocess whose trainer died exits within a second (it does not finish the write);
 * the write future's result is the save's :class:`~cloudckpt.writer.SaveMetrics`.
 
 Hand-off (zero copy). Staged tensors live in fd-backed shared memory (see
@@ -41,6 +43,8 @@ import os
 import pickle
 import signal
 import socket
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 # Descriptors per sendmsg: below the kernel's SCM_MAX_FD (253).
 _FDS_PER_MESSAGE = 200
+# How often the writer checks that its trainer is alive.
+PARENT_POLL_SECS = 1.0
 
 
 @dataclass
@@ -270,6 +276,17 @@ def _write_one(
     return response
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Watchdog thread: when the trainer dies (kill -9, OOM), stop at once instead of finishing
+    the write in flight and waiting out the commit timeout while holding its staged memory.
+    The upload left open is aborted by ``CheckpointManager.gc``."""
+    while True:
+        time.sleep(PARENT_POLL_SECS)
+        if os.getppid() != parent_pid:
+            logger.error("the trainer (pid %d) died; its checkpoint writer exits", parent_pid)
+            os._exit(1)
+
+
 def _subprocess_main(
     conn: Connection,
     rank_info: RankInfo,
@@ -281,6 +298,9 @@ def _subprocess_main(
     # Ctrl-C reaches the whole process group: the trainer decides when this process stops
     # (close() or its pipe closing), so an upload in flight is not cut by the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(
+        target=_exit_with_parent, args=(os.getppid(),), name="cloudckpt-parent-watch", daemon=True
+    ).start()
     try:
         subprocess_init_fn(*subprocess_init_args)
         args = dict(writer_init_args)
@@ -425,7 +445,22 @@ class CheckpointProcess:
     def _write(
         self, state_dict: STATE_DICT | Future[STATE_DICT], path: str, **kwargs: Any
     ) -> SaveMetrics:
+        # A staging failure is raised as is: the checkpointer records it, as soon as it happens.
         sd = state_dict.result() if isinstance(state_dict, Future) else state_dict
+        try:
+            response = self._hand_off(sd, path, kwargs)
+        except Exception as e:
+            # Encoding, the writer's start or its death: the writer could not record this
+            # rank's failure, so this process does, and the other ranks fail now rather than
+            # at commit_timeout_secs.
+            self.report_failure(path, kwargs.get("save_id"), e)
+            raise
+        if not response.ok:
+            raise response.value  # the writer's own failure, already recorded by it
+        return response.value
+
+    def _hand_off(self, sd: STATE_DICT, path: str, kwargs: dict[str, Any]) -> _Response:
+        """Send one write to the subprocess (starting it if needed); its response."""
         data, fds, storages = encode_write((sd, kwargs))
         del sd
         if self.process is None or not self.process.is_alive():
@@ -441,18 +476,11 @@ class CheckpointProcess:
         finally:
             del storages
         logger.debug("sent %s to the writer: %d bytes, %d descriptors", path, len(data), len(fds))
-        try:
-            response = self._receive(path)
-        except SaveFailedError as e:
-            self._report_death(path, kwargs.get("save_id"), e)
-            raise
-        if not response.ok:
-            raise response.value
-        return response.value
+        return self._receive(path)
 
-    def _report_death(self, path: str, save_id: str | None, error: SaveFailedError) -> None:
-        """The writer died mid-save: record the failure for the other ranks, as the writer
-        would have, so they fail now rather than at ``commit_timeout_secs``."""
+    def report_failure(self, path: str, save_id: str | None, error: Exception) -> None:
+        """Write this rank's failure record of a multi-rank save, for a failure the writer
+        cannot record itself (best effort)."""
         storage_config = self._init[3].get("storage_config")
         if self._rank_info.global_world_size == 1 or save_id is None:
             return

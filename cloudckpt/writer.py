@@ -11,9 +11,10 @@ Lifecycle of one ``write(path, state_dict)`` (every rank runs it; rank 0 also co
        ``failed_<rank>.json`` if steps 1-4 failed; multi-rank saves then wait until every
        rank succeeded, raising within ``commit_timeout_secs`` if one failed or vanished
        (see ``cloudckpt.barriers``); then the configured upstream barrier, if any
-    5. rank 0: read every rank record, check each object's size, write the manifest last,
-       conditionally (If-None-Match / ifGenerationMatch=0) unless overwrite: the commit.
-       The other ranks wait for the manifest (or rank 0's failure record)
+    5. rank 0: read every rank record, check each object's size, claim the commit (a rank
+       that gave up waiting claims the abort instead; only one claim takes effect), write the
+       manifest last, conditionally (If-None-Match / ifGenerationMatch=0) unless overwrite:
+       the commit. The other ranks wait for the manifest (or rank 0's failure record)
     6. every rank: commit hook ``post_commit``
 """
 
@@ -167,13 +168,24 @@ class CheckpointWriter(UpstreamCheckpointWriter):
         if rank == 0:
             try:
                 self._execute_barrier(url, save_id, metrics)
-                self._commit(storage, url, save_id, entry, kwargs.get("metadata"))
+                manifest = self._checked_manifest(storage, url, save_id, entry, kwargs)
+                if multi_rank:
+                    rendezvous.claim_commit()
+                storage.put_bytes(
+                    manifest_url, manifest.to_json(), if_absent=not self._config.overwrite
+                )
             except BaseException as e:
                 if multi_rank:
                     rendezvous.report_commit_failure(e)
                 raise
+            logger.info(
+                "committed %s (%d ranks, %d bytes)", url, manifest.world_size, manifest.total_bytes
+            )
         else:
-            self._execute_barrier(url, save_id, metrics)
+            try:
+                self._execute_barrier(url, save_id, metrics)
+            except SaveFailedError as e:
+                rendezvous.give_up_after(e)
             rendezvous.wait_commit(manifest_url)
         metrics.committed = True
         metrics.total_secs = time.perf_counter() - started
@@ -252,15 +264,10 @@ class CheckpointWriter(UpstreamCheckpointWriter):
         metrics = SaveMetrics.from_upload(url, rank, upload.metrics)
         return RankEntry(rank, name, info.version, layout), metrics
 
-    def _commit(
-        self,
-        storage: Storage,
-        url: str,
-        save_id: str,
-        own: RankEntry,
-        metadata: dict[str, Any] | None,
-    ) -> None:
-        """Rank 0: check every rank's object and write the manifest (the commit)."""
+    def _checked_manifest(
+        self, storage: Storage, url: str, save_id: str, own: RankEntry, kwargs: dict[str, Any]
+    ) -> Manifest:
+        """Rank 0: the manifest of this save, once every rank's object is checked present."""
         world = self._rank_info.global_world_size
         entries = [own]
         if world > 1:
@@ -271,16 +278,12 @@ class CheckpointWriter(UpstreamCheckpointWriter):
                 entries += pool.map(
                     lambda r: self._checked_rank_entry(storage, url, save_id, r), range(1, world)
                 )
-        manifest = Manifest(
+        return Manifest(
             world_size=world,
             ranks=tuple(entries),
             torch_version=torch.__version__,
-            user_metadata=dict(metadata or {}),
+            user_metadata=dict(kwargs.get("metadata") or {}),
         )
-        storage.put_bytes(
-            join_url(url, MANIFEST_NAME), manifest.to_json(), if_absent=not self._config.overwrite
-        )
-        logger.info("committed %s (%d ranks, %d bytes)", url, world, manifest.total_bytes)
 
     @staticmethod
     def _checked_rank_entry(storage: Storage, url: str, save_id: str, r: int) -> RankEntry:

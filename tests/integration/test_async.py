@@ -13,11 +13,15 @@ import copy
 import gc
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -614,3 +618,51 @@ def test_failed_save_releases_what_it_held(backend: Backend, device: str) -> Non
         save_and_wait(ckpt, backend.url("ok-3"), sd)
     finally:
         ckpt.close()
+
+
+ORPHAN_TRAINER = """
+import os, sys, time, torch, cloudckpt
+
+class Stall(cloudckpt.WriterHook):
+    def pre_commit(self, path, **kwargs):
+        print("stalling", os.getpid(), flush=True)
+        time.sleep(600)
+
+    def post_commit(self, path, **kwargs):
+        pass
+
+if __name__ == "__main__":
+    ckpt = cloudckpt.make_async_checkpointer(cloudckpt.CheckpointerConfig(), commit_hook=Stall())
+    ckpt.save(sys.argv[1], {"w": torch.ones(1000)})
+    time.sleep(600)
+"""
+
+
+def test_writer_exits_when_its_trainer_is_killed_mid_save(tmp_path: Path) -> None:
+    """A writer busy with a save must not outlive its trainer (kill -9, OOM), holding the
+    staged memory and waiting on a commit nobody will use."""
+    script = tmp_path / "trainer.py"
+    script.write_text(ORPHAN_TRAINER)
+    trainer = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "step-1")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert trainer.stdout is not None
+        line = trainer.stdout.readline()  # the writer, inside the save (its pre_commit hook)
+        assert line.startswith("stalling "), line
+        writer = psutil.Process(int(line.split()[1]))
+    finally:
+        trainer.kill()
+        trainer.wait(timeout=30)
+    deadline = time.monotonic() + 30  # it checks every PARENT_POLL_SECS (1 s)
+    while _alive(writer):
+        assert time.monotonic() < deadline, "the writer outlived its trainer by 30 s"
+        time.sleep(0.1)
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Running and not a zombie (a container's init may never reap it)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

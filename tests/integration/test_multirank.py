@@ -135,15 +135,18 @@ def test_one_rank_failing_fails_every_rank_fast_and_commits_nothing(
     assert_bitwise_equal(reader.read(previous, rank=1)[0], make_state(1))  # intact
 
 
-@pytest.mark.parametrize("barrier_type", [None, "dist_barrier"])
+@pytest.mark.parametrize(
+    ("mode", "barrier_type"), [("sync", None), ("sync", "dist_barrier"), ("async", None)]
+)
 def test_serialization_failure_on_one_rank_reaches_the_other(
-    backend: Backend, tmp_path: Path, barrier_type: str | None
+    backend: Backend, tmp_path: Path, mode: str, barrier_type: str | None
 ) -> None:
     """With or without an upstream barrier: the failing rank never reaches it, and the other
-    rank learns of the failure from the store instead of waiting at the barrier."""
-    path = backend.url(f"poison-{barrier_type}", "step-1")
+    rank learns of the failure from the store instead of waiting at the barrier. Async, the
+    state dict already fails in staging, before the writer sees it: the trainer records it."""
+    path = backend.url(f"poison-{mode}-{barrier_type}", "step-1")
     results = run_ranks(
-        tmp_path, 2, mode="sync", path=path, storage_options=backend.storage_options, fail_rank=1,
+        tmp_path, 2, mode=mode, path=path, storage_options=backend.storage_options, fail_rank=1,
         barrier={"barrier_type": barrier_type},
     )
     assert "injected serialization failure" in results[1]["error"]
@@ -189,6 +192,24 @@ def test_killed_writer_fails_the_others_and_gc_cleans_up_after_it(
     assert storage.list(path) == []
     assert storage.list_pending_uploads(path) == []
     assert [c.name for c in manager.list()] == ["step-1"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_checkpointer_built_before_init_process_group_refuses_to_save(
+    backend: Backend, tmp_path: Path, mode: str
+) -> None:
+    """Built before the group exists, it would save as rank 0 of 1 on every rank, each
+    overwriting the others' objects; it refuses instead, and nothing is written."""
+    path = backend.url(f"early-{mode}", "step-1")
+    results = run_ranks(
+        tmp_path, 2, mode=mode, path=path, storage_options=backend.storage_options,
+        build_before_init=True,
+    )
+    for r, res in results.items():
+        assert res["error_type"] == "CheckpointError", res
+        assert f"built as rank 0 of 1, but this process is rank {r} of 2" in res["error"]
+        assert "after torch.distributed.init_process_group" in res["error"]
+    assert storage_of(backend).list(path) == []
 
 
 def test_throttling_on_one_rank_is_retried_and_the_save_succeeds(

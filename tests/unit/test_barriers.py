@@ -4,6 +4,7 @@ multi-rank saves with one thread per rank."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import uuid
 from collections.abc import Callable
@@ -19,8 +20,8 @@ from cases import assert_bitwise_equal
 import cloudckpt
 from cloudckpt import BarrierConfig, RankInfo
 from cloudckpt.barriers import (
-    GroupStoreBarrier,
     StoreAddress,
+    StoreBarrier,
     StoreRendezvous,
     check_writer_barrier_config,
     make_barrier,
@@ -73,9 +74,7 @@ def rendezvous(
     )
 
 
-def test_missing_rank_times_out_naming_it_with_backed_off_polls(
-    storage: Storage, url: str
-) -> None:
+def test_missing_rank_times_out_naming_it_with_backed_off_polls(storage: Storage, url: str) -> None:
     clock = FakeClock()
     storage.put_bytes(rank_record_url(url, "run-1", 0), b"{}")
     storage.put_bytes(rank_record_url(url, "run-1", 2), b"{}")
@@ -120,6 +119,43 @@ def test_wait_commit_sees_the_manifest_the_commit_failure_or_the_deadline(
     rendezvous(storage, url, 1, 2, FakeClock()).wait_commit(manifest_url)
 
 
+def test_a_rank_that_gave_up_keeps_rank_0_from_committing(storage: Storage, url: str) -> None:
+    """Rank 1 times out waiting for rank 0 and claims the abort; rank 0, slow but alive, then
+    passes its checks and must not commit: no rank reports a failure for a committed save."""
+    storage.put_bytes(rank_record_url(url, "run-1", 1), b"{}")
+    with pytest.raises(SaveFailedError, match=r"rank\(s\) \[0\] did not finish within 5s"):
+        rendezvous(storage, url, 1, 2, FakeClock()).wait_all_ranks()
+    storage.put_bytes(rank_record_url(url, "run-1", 0), b"{}")
+    with pytest.raises(SaveFailedError, match=r"rank 1 gave up: rank\(s\) \[0\] did not finish"):
+        rendezvous(storage, url, 0, 2, FakeClock()).claim_commit()
+    # ... and a third rank still waiting learns it at its next poll
+    with pytest.raises(SaveFailedError, match="rank 1 gave up"):
+        rendezvous(storage, url, 2, 3, FakeClock()).wait_commit(join_url(url, MANIFEST_NAME))
+
+
+def test_a_rank_whose_wait_ends_after_the_commit_claim_waits_for_the_manifest(
+    storage: Storage, url: str
+) -> None:
+    for r in range(2):
+        storage.put_bytes(rank_record_url(url, "run-1", r), b"{}")
+    rendezvous(storage, url, 0, 2, FakeClock()).claim_commit()
+    clock = FakeClock()
+    rank1 = rendezvous(storage, url, 1, 2, clock, timeout=2.0)
+    manifest_url = join_url(url, MANIFEST_NAME)
+    with pytest.raises(SaveFailedError, match="may still become committed") as err:
+        rank1.wait_commit(manifest_url)
+    assert "manifest did not appear within 4s" in str(err.value)
+    assert 4.0 <= clock.now < 5.0  # once more up to the timeout, then a bounded failure
+    storage.put_bytes(manifest_url, b"{}")
+    rendezvous(storage, url, 1, 2, FakeClock(), timeout=2.0).wait_commit(manifest_url)
+
+
+def test_a_retried_commit_claim_that_landed_counts_as_taken(storage: Storage, url: str) -> None:
+    rank0 = rendezvous(storage, url, 0, 2, FakeClock())
+    rank0.claim_commit()
+    rank0.claim_commit()  # the same claim again (a retried put): not a conflict
+
+
 # --- upstream barrier construction ----------------------------------------------------------
 
 
@@ -149,10 +185,11 @@ def test_tcp_store_barrier_gets_its_rank_fields_from_rank_info() -> None:
     config = BarrierConfig(
         "tcp_store", {"tcpstore_port": find_free_port(), "master_address": "127.0.0.1"}
     )
-    barrier = make_barrier(config, RankInfo(global_rank=0, global_world_size=1), 30)
-    assert barrier is not None
-    assert (barrier._global_rank, barrier._global_world_size) == (0, 1)  # type: ignore[attr-defined]
-    assert barrier._barrier_prefix == "cloudckpt-commit"  # type: ignore[attr-defined]
+    barrier = make_barrier(config, RankInfo(global_rank=0, global_world_size=1), 0.5)
+    assert isinstance(barrier, StoreBarrier)
+    assert (barrier._rank, barrier._world) == (0, 1)
+    assert barrier._prefix == "cloudckpt-commit/"
+    assert barrier._timeout == 0.5  # not truncated to 0 whole seconds
     barrier.execute_barrier()
     barrier.execute_barrier()
 
@@ -166,10 +203,54 @@ def test_explicit_barrier_args_win_over_injected_ones() -> None:
             "barrier_prefix": "mine",
             "global_rank": 0,
             "global_world_size": 1,
+            "timeout_secs": 7,
         },
     )
     barrier = make_barrier(config, RankInfo(global_rank=0, global_world_size=1), 30)
-    assert barrier._barrier_prefix == "mine"  # type: ignore[union-attr]
+    assert isinstance(barrier, StoreBarrier)
+    assert (barrier._prefix, barrier._timeout) == ("mine/", 7)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (None, "barrier_args must be a dict, got NoneType"),
+        ({"tcpstore_port": "abc", "master_address": "x"}, "must be an int within"),
+        ({"tcpstore_port": 0, "master_address": "x"}, r"\[1, 65535\], got 0"),
+    ],
+)
+def test_bad_tcp_store_args_are_refused_naming_them(args: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_barrier(
+            BarrierConfig("tcp_store", args), RankInfo(global_rank=0, global_world_size=2), 5
+        )
+
+
+def meet_on_threads(barriers: list[StoreBarrier], save_id: str) -> None:
+    with ThreadPoolExecutor(len(barriers)) as pool:
+        list(pool.map(lambda b: b.execute_barrier_for(save_id), barriers))
+
+
+def test_tcp_store_barrier_is_bounded_and_survives_a_restarted_rank_0() -> None:
+    """A rank that never arrives fails the others within the writer's timeout (upstream's
+    waits 300 s), and a rank 0 rebuilt on the same port (a restarted async writer) serves the
+    next save: the other ranks connect per barrier."""
+    config = BarrierConfig(
+        "tcp_store", {"tcpstore_port": find_free_port(), "master_address": "127.0.0.1"}
+    )
+
+    def build(rank: int, timeout: float) -> StoreBarrier:
+        barrier = make_barrier(config, RankInfo(global_rank=rank, global_world_size=2), timeout)
+        assert isinstance(barrier, StoreBarrier)
+        return barrier
+
+    rank0, rank1 = build(0, 10), build(1, 10)
+    meet_on_threads([rank0, rank1], "run-1")
+    with pytest.raises(Exception, match=r"timeout|missing_ranks=\[0\]"):
+        build(1, 0.5).execute_barrier_for("run-2")
+    del rank0
+    gc.collect()  # the old master's socket closes with it
+    meet_on_threads([build(0, 10), rank1], "run-3")
 
 
 def test_dist_barrier_in_the_writer_needs_a_process_group() -> None:
@@ -193,11 +274,10 @@ def test_dist_barrier_without_a_group_meets_on_the_given_store() -> None:
             RankInfo(global_rank=r, global_world_size=world),
             10,
             store_address=StoreAddress("127.0.0.1", port),
-            run_id="run-x",
         )
         for r in range(world)
     ]
-    assert all(isinstance(b, GroupStoreBarrier) for b in barriers)
+    assert all(isinstance(b, StoreBarrier) for b in barriers)
     arrived: list[int] = []
     left: list[int] = []
     lock = threading.Lock()
@@ -217,12 +297,13 @@ def test_dist_barrier_without_a_group_meets_on_the_given_store() -> None:
             list(pool.map(meet, range(world), [save_id] * world))
         assert sorted(left) == [0, 1, 2]
 
-    lonely = GroupStoreBarrier(
-        StoreAddress("127.0.0.1", port),
+    lonely = make_barrier(
+        BarrierConfig("dist_barrier"),
         RankInfo(global_rank=0, global_world_size=2),
-        run_id="run-y",
-        timeout_secs=0.5,
+        0.5,
+        store_address=StoreAddress("127.0.0.1", port),
     )
+    assert lonely is not None
     with pytest.raises(Exception, match=r"missing_ranks=\[1\]"):
         lonely.execute_barrier_for("run-y-1")
     del master

@@ -73,12 +73,27 @@ def die_midway_through_the_upload(after_bytes: int = 256 * 1024) -> None:
     cloudckpt.writer.serialize = serialize
 
 
+def build(cfg: dict[str, Any], config: Any) -> Any:
+    """The checkpointer ``cfg`` asks for (this rank's writer killed mid-upload if named)."""
+    import cloudckpt
+
+    rank = int(os.environ["RANK"])
+    if cfg["mode"] == "async":
+        kill = (
+            {
+                "subprocess_init_fn": die_midway_through_the_upload,
+                "subprocess_init_args": (cfg.get("kill_after_bytes", 256 * 1024),),
+            }
+            if cfg.get("kill_writer_rank") == rank
+            else {}
+        )
+        return cloudckpt.make_async_checkpointer(config, **kill)
+    return cloudckpt.make_sync_checkpointer(config)
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         cfg = json.load(f)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    import cloudckpt
     from cloudckpt import (
         BarrierConfig,
         CheckpointerConfig,
@@ -88,7 +103,7 @@ def main() -> None:
     )
 
     options = dict(cfg["storage_options"])
-    options.update(cfg.get("rank_storage_options", {}).get(str(rank), {}))
+    options.update(cfg.get("rank_storage_options", {}).get(os.environ["RANK"], {}))
     config = CheckpointerConfig(
         storage_options=options,
         writer_config=CheckpointWriterConfig(
@@ -100,18 +115,12 @@ def main() -> None:
         barrier_config=BarrierConfig(**cfg.get("barrier", {})),
         upload_config=UploadConfig(**cfg.get("upload", {})),
     )
-    if cfg["mode"] == "async":
-        kill = (
-            {
-                "subprocess_init_fn": die_midway_through_the_upload,
-                "subprocess_init_args": (cfg.get("kill_after_bytes", 256 * 1024),),
-            }
-            if cfg.get("kill_writer_rank") == rank
-            else {}
-        )
-        ckpt = cloudckpt.make_async_checkpointer(config, **kill)
-    else:
-        ckpt = cloudckpt.make_sync_checkpointer(config)
+    # ``build_before_init``: the mistake of building the checkpointer before the group exists
+    ckpt = build(cfg, config) if cfg.get("build_before_init") else None
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if ckpt is None:
+        ckpt = build(cfg, config)
     state = make_state(rank)
     if cfg.get("padding_mib"):
         state["padding"] = torch.ones(cfg["padding_mib"] << 18)  # float32: 4 bytes each
