@@ -171,9 +171,7 @@ class CheckpointWriter(UpstreamCheckpointWriter):
                 manifest = self._checked_manifest(storage, url, save_id, entry, kwargs)
                 if multi_rank:
                     rendezvous.claim_commit()
-                storage.put_bytes(
-                    manifest_url, manifest.to_json(), if_absent=not self._config.overwrite
-                )
+                self._put_manifest(storage, url, manifest)
             except BaseException as e:
                 if multi_rank:
                     rendezvous.report_commit_failure(e)
@@ -232,6 +230,25 @@ class CheckpointWriter(UpstreamCheckpointWriter):
                 hint="save to a new path (e.g. per step) or set "
                 "CheckpointWriterConfig(overwrite=True)",
             )
+
+    def _put_manifest(self, storage: Storage, url: str, manifest: Manifest) -> None:
+        """The commit: a conditional put unless overwrite, so of two saves racing to commit the
+        same path, the second fails."""
+        try:
+            storage.put_bytes(
+                join_url(url, MANIFEST_NAME),
+                manifest.to_json(),
+                if_absent=not self._config.overwrite,
+            )
+        except CommitConflictError as e:
+            raise CommitConflictError(
+                f"another save committed {url} first; this save was not committed",
+                url=url,
+                rank=self._rank_info.global_rank,
+                hint="two jobs are saving the same path: give each its own run prefix. This "
+                "save's rank objects may have replaced some of the other's: check that "
+                "checkpoint with `cloudckpt verify` before relying on it",
+            ) from e
 
     def _next_save_id(self) -> str:
         self._save_seq += 1

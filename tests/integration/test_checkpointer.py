@@ -136,6 +136,28 @@ def test_map_location_cpu_and_meta(backend: Backend, sync_ckpt: cloudckpt.SyncCh
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
+def test_losing_a_commit_race_names_the_other_save(backend: Backend) -> None:
+    """Another job commits the same path after this save's object is durable but before its
+    manifest: the conditional manifest put fails clearly, and the winner's checkpoint stands."""
+    path = backend.url("step-race")
+    other = cloudckpt.make_sync_checkpointer(config_for(backend))
+
+    class OtherJobCommitsNow(cloudckpt.WriterHook):
+        def pre_commit(self, path: str, **kwargs: object) -> None:
+            other.save(path, {"v": torch.tensor([2])})
+
+        def post_commit(self, path: str, **kwargs: object) -> None:
+            raise AssertionError("the losing save must not reach post_commit")
+
+    loser = cloudckpt.make_sync_checkpointer(config_for(backend), commit_hook=OtherJobCommitsNow())
+    with pytest.raises(CommitConflictError, match="another save committed .* first") as err:
+        loser.save(path, {"v": torch.tensor([1])})
+    assert err.value.url == backend.url("step-race").rstrip("/")
+    assert "own run prefix" in str(err.value) and "cloudckpt verify" in str(err.value)
+    assert other.load(path)["v"].item() == 2
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 def test_second_commit_to_same_path_is_refused_unless_overwrite(backend: Backend) -> None:
     path = backend.url("step-6")
     first = cloudckpt.make_sync_checkpointer(config_for(backend))
