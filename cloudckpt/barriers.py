@@ -53,26 +53,33 @@ DECISION_NAME = "decision.json"
 FIRST_POLL_SECS = 0.01
 
 
-def default_rank_info() -> RankInfo:
-    """This process's rank from the default process group, or a single rank."""
+def _group_rank_info() -> RankInfo:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return RankInfo(global_world_size=dist.get_world_size(), global_rank=dist.get_rank())
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    return RankInfo(global_world_size=1, global_rank=0)
+
+
+def default_rank_info() -> RankInfo:
+    """This process's rank from the default process group, or a single rank (with a warning
+    when the launcher says there are more: see :func:`check_rank_info_unchanged`)."""
+    info = _group_rank_info()
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if info.global_world_size == 1 and launched.isdigit() and int(launched) > 1:
         logger.warning(
             "WORLD_SIZE=%s but no torch.distributed process group is initialized: this "
             "checkpointer saves as rank 0 of 1; call init_process_group before building it",
-            os.environ["WORLD_SIZE"],
+            launched,
         )
-    return RankInfo(global_world_size=1, global_rank=0)
+    return info
 
 
 def check_rank_info_unchanged(derived: RankInfo, url: str) -> None:
     """Refuse a save or load whose rank info, derived from the process group when the
     checkpointer was built, no longer matches it (built before ``init_process_group``): every
     rank would save as rank 0 of 1, over each other's objects."""
-    now = default_rank_info()
+    now = _group_rank_info()
     before = (derived.global_rank, derived.global_world_size)
     if (now.global_rank, now.global_world_size) != before:
         raise CheckpointError(

@@ -150,7 +150,7 @@ def test_losing_a_commit_race_names_the_other_save(backend: Backend) -> None:
             raise AssertionError("the losing save must not reach post_commit")
 
     loser = cloudckpt.make_sync_checkpointer(config_for(backend), commit_hook=OtherJobCommitsNow())
-    with pytest.raises(CommitConflictError, match="another save committed .* first") as err:
+    with pytest.raises(CommitConflictError, match=r"another save committed .* first") as err:
         loser.save(path, {"v": torch.tensor([1])})
     assert err.value.url == backend.url("step-race").rstrip("/")
     assert "own run prefix" in str(err.value) and "cloudckpt verify" in str(err.value)

@@ -23,12 +23,14 @@ from cloudckpt.barriers import (
     StoreAddress,
     StoreBarrier,
     StoreRendezvous,
+    check_rank_info_unchanged,
     check_writer_barrier_config,
+    default_rank_info,
     make_barrier,
     rank_record_url,
 )
 from cloudckpt.config import CheckpointWriterConfig
-from cloudckpt.errors import SaveFailedError, StateDictMismatchError
+from cloudckpt.errors import CheckpointError, SaveFailedError, StateDictMismatchError
 from cloudckpt.manifest import MANIFEST_NAME
 from cloudckpt.storage import Storage, get_storage, join_url
 from localstack.servers import find_free_port
@@ -413,3 +415,21 @@ def test_a_rank_that_never_writes_fails_the_others_within_commit_timeout(url: st
     assert isinstance(outcomes[0], SaveFailedError)
     assert "rank(s) [1] did not finish within" in str(outcomes[0])
     assert not get_storage(url).exists(join_url(url, MANIFEST_NAME))
+
+
+def test_rank_info_derived_from_another_group_is_refused(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The builder's derived rank info is checked against the group at each save and load."""
+    assert not dist.is_initialized()
+    check_rank_info_unchanged(RankInfo(global_rank=0, global_world_size=1), "memory://b/p")
+    with pytest.raises(
+        CheckpointError, match=r"built as rank 1 of 2, but this process is rank 0 of 1"
+    ) as err:
+        check_rank_info_unchanged(RankInfo(global_rank=1, global_world_size=2), "memory://b/p")
+    assert err.value.url == "memory://b/p"
+    assert "after torch.distributed.init_process_group" in str(err.value)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with caplog.at_level("WARNING", logger="cloudckpt.barriers"):
+        assert default_rank_info() == RankInfo(global_rank=0, global_world_size=1)
+    assert "WORLD_SIZE=4 but no torch.distributed process group" in caplog.text
