@@ -8,12 +8,12 @@ no process group of its own)::
     phase 1  every rank writes  .cloudckpt/<save_id>/rank_<r>.json    (its object is durable)
              or, on failure,     .cloudckpt/<save_id>/failed_<r>.json  (its error message)
              and polls the folder until all ranks succeeded, one failed, or the timeout passed
-    phase 2  rank 0 claims the commit (decision.json, conditional put), writes the manifest, or
-             commit_failed.json; the other ranks poll for one
+    phase 2  rank 0 claims the commit (decision.json, conditional put), writes the manifest
+             and committed.json, or commit_failed.json; the other ranks poll for one
 
-A rank whose wait times out claims the abort in the same decision.json: the conditional put
-lets only one of "rank 0 commits" and "a rank gave up" take effect, so a rank never reports a
-failure for a save that rank 0 then commits. A rank that finds the commit already claimed waits
+A rank whose wait times out, or that sees another rank's failure record, claims the abort in the
+same decision.json: the conditional put lets only one of "rank 0 commits" and "the save failed"
+take effect, so a rank never reports a failure for a save that rank 0 then commits. A rank that finds the commit already claimed waits
 for the manifest instead (once more up to the timeout).
 
 ``save_id`` must be the same on every rank and new for every save: the checkpointer derives it
@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 COMMIT_FAILED_NAME = "commit_failed.json"
 DECISION_NAME = "decision.json"
+COMMITTED_NAME = "committed.json"
 FIRST_POLL_SECS = 0.01
 
 
@@ -62,15 +63,16 @@ def _group_rank_info() -> RankInfo:
 
 
 def default_rank_info() -> RankInfo:
-    """This process's rank from the default process group, or a single rank (with a warning
-    when the launcher says there are more: see :func:`check_rank_info_unchanged`)."""
+    """This process's rank from the default process group, or a single rank. Refused when
+    the launcher says there are more ranks but no group exists: every rank would save as rank
+    0 of 1, over the others' objects."""
     info = _group_rank_info()
     launched = os.environ.get("WORLD_SIZE", "1")
     if info.global_world_size == 1 and launched.isdigit() and int(launched) > 1:
-        logger.warning(
-            "WORLD_SIZE=%s but no torch.distributed process group is initialized: this "
-            "checkpointer saves as rank 0 of 1; call init_process_group before building it",
-            launched,
+        raise ValueError(
+            f"WORLD_SIZE={launched} but no torch.distributed process group is initialized: "
+            "call init_process_group before building the checkpointer, or pass rank_info= "
+            "explicitly (e.g. RankInfo(global_rank=0, global_world_size=1) to save alone)"
         )
     return info
 
@@ -250,8 +252,14 @@ class StoreRendezvous:
             failed = sorted(
                 int(n[len("failed_") : -len(".json")]) for n in names if n.startswith("failed_")
             )
-            if failed:
-                raise self._peer_failure(failed[0])
+            if failed and not self._commit_claimed:
+                # Final only once the abort is claimed: a rank whose writer died after its
+                # record was written may report a failure while rank 0 is already committing.
+                error = self._peer_failure(failed[0])
+                decided = self._claim("abort", str(error))
+                if decided is None or decided.get("outcome") != "commit":
+                    raise error
+                self._commit_claimed = True
             self._check_decision(names)
             missing = [r for r in range(self._world) if f"rank_{r}.json" not in names]
             if not missing or self._commit_claimed:
@@ -298,16 +306,24 @@ class StoreRendezvous:
             raise error
         self._commit_claimed = True
 
-    def wait_commit(self, manifest_url: str) -> None:
-        """Phase 2 (ranks != 0): return once rank 0 committed; raise if it failed or timed out.
-        Once rank 0 claimed the commit, the wait goes on for one more timeout at most."""
+    def report_committed(self) -> None:
+        """Rank 0, after the manifest: tell the other ranks this save (not another save of the
+        same path, nor a manifest a later overwrite already deleted) was committed."""
+        try:
+            self._storage.put_bytes(join_url(self._folder, COMMITTED_NAME), b"{}")
+        except Exception as e:  # committed all the same; the others say "may be committed"
+            logger.warning("rank 0 could not tell the others %s is committed: %s", self._url, e)
+
+    def wait_commit(self) -> None:
+        """Phase 2 (ranks != 0): return once rank 0 committed this save; raise if it failed or
+        timed out. Once rank 0 claimed the commit, the wait goes on for one more timeout."""
         deadline = self._clock() + self._timeout
         delays = self._delays()
         extended = False
         while True:
-            if self._storage.exists(manifest_url):
-                return
             names = self._names()
+            if COMMITTED_NAME in names:
+                return
             if COMMIT_FAILED_NAME in names:
                 doc = json.loads(
                     self._storage.get_bytes(join_url(self._folder, COMMIT_FAILED_NAME))
@@ -391,17 +407,24 @@ class StoreBarrier(Barrier):
         self.execute_barrier_for(f"seq-{self._seq}")
 
     def execute_barrier_for(self, save_id: str) -> None:
-        """Wait for every rank at the barrier of ``save_id``."""
-        import torch.distributed.elastic.utils.store as store_util
-
-        store_util.barrier(
-            self._connect(),
-            self._world,
-            f"{self._prefix}{save_id}",
-            barrier_timeout=self._timeout,
-            rank=self._rank,
-            trace_timeout=min(10.0, self._timeout),  # naming the missing ranks, after a timeout
-        )
+        """Wait for every rank at the barrier of ``save_id``; within ``timeout_secs``, or raise
+        TimeoutError naming the ranks that did not arrive."""
+        store = self._connect()
+        key = f"{self._prefix}{save_id}/"
+        store.set(f"{key}rank_{self._rank}", "1")
+        if store.add(f"{key}arrived", 1) == self._world:
+            store.set(f"{key}all", "1")
+        try:
+            store.wait([f"{key}all"], timedelta(seconds=self._timeout))
+        except Exception as e:  # DistStoreError (timeout) or a lost connection
+            try:
+                missing = [r for r in range(self._world) if not store.check([f"{key}rank_{r}"])]
+            except Exception:
+                missing = []  # the store itself is gone
+            raise TimeoutError(
+                f"rank(s) {missing or '?'} did not reach the barrier within {self._timeout:g}s "
+                f"({type(e).__name__}: {e})"
+            ) from e
 
 
 def _tcp_client(host: str, port: int, timeout_secs: float) -> Callable[[], Any]:

@@ -402,7 +402,8 @@ class CheckpointProcess:
             f"the checkpoint writer subprocess died (exit code {code}) while {doing}",
             url=path,
             rank=self._rank_info.global_rank,
-            hint="nothing was committed; the next save starts a new writer",
+            hint="the next save starts a new writer; in a multi-rank job the save fails on every "
+            "rank unless rank 0 was already committing it (CheckpointManager.list() tells)",
         )
         err.__cause__ = cause
         return err

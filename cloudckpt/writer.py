@@ -32,7 +32,13 @@ import torch
 from ._upstream import STATE_DICT, Barrier, RankInfo, UpstreamCheckpointWriter, WriterHook
 from .barriers import StoreRendezvous, agree_run_id, rank_record_url
 from .config import CheckpointWriterConfig, StorageConfig
-from .errors import CommitConflictError, CorruptCheckpointError, NotFoundError, SaveFailedError
+from .errors import (
+    CommitConflictError,
+    CorruptCheckpointError,
+    NotFoundError,
+    SaveFailedError,
+    StorageError,
+)
 from .format import estimate_size_bytes, serialize
 from .manifest import (
     MANIFEST_NAME,
@@ -176,6 +182,8 @@ class CheckpointWriter(UpstreamCheckpointWriter):
                 if multi_rank:
                     rendezvous.report_commit_failure(e)
                 raise
+            if multi_rank:
+                rendezvous.report_committed()
             logger.info(
                 "committed %s (%d ranks, %d bytes)", url, manifest.world_size, manifest.total_bytes
             )
@@ -184,7 +192,7 @@ class CheckpointWriter(UpstreamCheckpointWriter):
                 self._execute_barrier(url, save_id, metrics)
             except SaveFailedError as e:
                 rendezvous.give_up_after(e)
-            rendezvous.wait_commit(manifest_url)
+            rendezvous.wait_commit()
         metrics.committed = True
         metrics.total_secs = time.perf_counter() - started
         self.last_metrics = metrics
@@ -234,12 +242,10 @@ class CheckpointWriter(UpstreamCheckpointWriter):
     def _put_manifest(self, storage: Storage, url: str, manifest: Manifest) -> None:
         """The commit: a conditional put unless overwrite, so of two saves racing to commit the
         same path, the second fails."""
+        manifest_url = join_url(url, MANIFEST_NAME)
+        data = manifest.to_json()
         try:
-            storage.put_bytes(
-                join_url(url, MANIFEST_NAME),
-                manifest.to_json(),
-                if_absent=not self._config.overwrite,
-            )
+            storage.put_bytes(manifest_url, data, if_absent=not self._config.overwrite)
         except CommitConflictError as e:
             raise CommitConflictError(
                 f"another save committed {url} first; this save was not committed",
@@ -249,6 +255,15 @@ class CheckpointWriter(UpstreamCheckpointWriter):
                 "save's rank objects may have replaced some of the other's: check that "
                 "checkpoint with `cloudckpt verify` before relying on it",
             ) from e
+        except StorageError:
+            # The last attempt may have landed with its answer lost: then this save committed.
+            try:
+                landed = storage.get_bytes(manifest_url) == data
+            except StorageError:
+                landed = False
+            if not landed:
+                raise
+            logger.warning("the manifest put for %s failed, but the stored one is this save's", url)
 
     def _next_save_id(self) -> str:
         self._save_seq += 1

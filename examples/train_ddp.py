@@ -16,8 +16,8 @@ a scheduler does after a job failed), then checks.
   (``os._exit``); torchrun stops the other ranks and the job fails.
 * Attempt 1, a new job: rank 0 picks ``manager.latest()`` and broadcasts it, every rank loads its own part
   (model, optimizer, RNG, its data position), the steps up to the crash are replayed (rank 0's
-  losses must be bitwise those of attempt 0: they depend on every rank's restored state through
-  the gradient all-reduce), and training runs to ``--steps``. (A second launch rather than
+  losses must be bitwise those of attempt 0 with 2 ranks, within 1e-6 with more (see
+  ``_same_loss``): they depend on every rank's restored state through the gradient all-reduce), and training runs to ``--steps``. (A second launch rather than
   torchrun's ``--max-restarts``: gloo process groups do not re-form after an in-place restart
   in this torch version.)
 * The launcher, afterwards: the committed steps are exactly the two newest plus the resume
@@ -129,7 +129,7 @@ def worker(args: argparse.Namespace) -> int:
                     log.write(json.dumps({"step": step, "loss": loss}) + "\n")
                     log.flush()
                 if rank == 0 and step in before_crash:
-                    if loss != before_crash[step]:
+                    if not _same_loss(loss, before_crash[step], world):
                         raise VerificationError(
                             f"step {step} replayed after the restart gave loss {loss!r}, before "
                             f"the crash {before_crash[step]!r}: the state was not fully restored"
@@ -138,9 +138,11 @@ def worker(args: argparse.Namespace) -> int:
                 if step % args.log_every == 0:
                     say(f"[attempt {attempt}] step {step:>4} loss {loss:.4f}", flush=True)
                 if attempt == 0 and step == args.crash_at and rank == CRASHING_RANK:
-                    if pending is not None:
-                        pending.result()  # crash between saves: the last one is committed
+                    last = pending.result().path if pending is not None else "nothing"
                     print(f"*** rank {rank} crashes after step {step} ***", flush=True)
+                    print(
+                        f"    (on purpose; the newest committed checkpoint is {last})", flush=True
+                    )
                     os._exit(CRASH_EXIT_CODE)
                 if step % args.ckpt_every == 0 or step == args.steps:
                     wait_and_retain()
@@ -162,6 +164,16 @@ def worker(args: argparse.Namespace) -> int:
         (work_dir / "worker_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     dist.destroy_process_group()
     return 0
+
+
+def _same_loss(replayed: float, before: float, world: int) -> bool:
+    """Bitwise with 2 ranks. With more, a fresh DDP's first step all-reduces in its initial
+    bucket order while the original run had rebuilt its buckets, and gloo then adds the ranks'
+    gradients in another order (a ~1e-9 difference that plain torch shows without any
+    checkpoint): equal within 1e-6 relative there."""
+    if world <= 2:
+        return replayed == before
+    return abs(replayed - before) <= 1e-6 * max(1.0, abs(before))
 
 
 class _nowhere:
@@ -245,6 +257,8 @@ def launch(args: argparse.Namespace, endpoint: str, key: str, secret: str) -> in
         ).returncode
         print(f"=== job {attempt} exited with {status} after "
               f"{time.perf_counter() - started:.1f} s ===", flush=True)  # fmt: skip
+        if expect_failure and status != 0:
+            print("    (expected: rank 1 crashed on purpose; a new job resumes)", flush=True)
         if (status != 0) != expect_failure:
             expected = "fail at the crash" if expect_failure else "succeed"
             print(f"FAILED: job {attempt} was expected to {expected}", file=sys.stderr)

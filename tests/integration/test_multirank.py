@@ -195,20 +195,20 @@ def test_killed_writer_fails_the_others_and_gc_cleans_up_after_it(
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_checkpointer_built_before_init_process_group_refuses_to_save(
+def test_a_checkpointer_built_before_init_process_group_is_refused(
     backend: Backend, tmp_path: Path, mode: str
 ) -> None:
     """Built before the group exists, it would save as rank 0 of 1 on every rank, each
-    overwriting the others' objects; it refuses instead, and nothing is written."""
+    overwriting the others' objects: torchrun's WORLD_SIZE makes the builder refuse."""
     path = backend.url(f"early-{mode}", "step-1")
     results = run_ranks(
         tmp_path, 2, mode=mode, path=path, storage_options=backend.storage_options,
         build_before_init=True,
-    )
-    for r, res in results.items():
-        assert res["error_type"] == "CheckpointError", res
-        assert f"built as rank 0 of 1, but this process is rank {r} of 2" in res["error"]
-        assert "after torch.distributed.init_process_group" in res["error"]
+    )  # fmt: skip
+    for res in results.values():
+        assert res["error_type"] == "ValueError", res
+        assert "WORLD_SIZE=2 but no torch.distributed process group" in res["error"]
+        assert "call init_process_group before building the checkpointer" in res["error"]
     assert storage_of(backend).list(path) == []
 
 

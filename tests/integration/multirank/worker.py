@@ -116,11 +116,18 @@ def main() -> None:
         upload_config=UploadConfig(**cfg.get("upload", {})),
     )
     # ``build_before_init``: the mistake of building the checkpointer before the group exists
-    ckpt = build(cfg, config) if cfg.get("build_before_init") else None
+    if cfg.get("build_before_init"):
+        try:
+            build(cfg, config)
+            refusal = {"error_type": "none", "error": "built without a process group"}
+        except Exception as e:
+            refusal = {"error_type": type(e).__name__, "error": str(e)}
+        with open(os.path.join(cfg["result_dir"], f"rank_{os.environ['RANK']}.json"), "w") as f:
+            json.dump(refusal, f)
+        return
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if ckpt is None:
-        ckpt = build(cfg, config)
+    ckpt = build(cfg, config)
     state = make_state(rank)
     if cfg.get("padding_mib"):
         state["padding"] = torch.ones(cfg["padding_mib"] << 18)  # float32: 4 bytes each
