@@ -455,3 +455,32 @@ def test_rank_info_derived_from_another_group_is_refused(monkeypatch: pytest.Mon
         cloudckpt.make_sync_checkpointer()
     lone = cloudckpt.make_sync_checkpointer(rank_info=RankInfo(global_rank=0, global_world_size=1))
     lone.close()
+
+
+def test_back_to_back_overwrites_of_one_path_commit_on_every_rank(url: str) -> None:
+    """A rolling "latest" path: rank 0 deletes the manifest at the start of the next save,
+    perhaps before the other ranks saw it; they wait for this save's own committed marker."""
+    world, saves = 3, 4
+
+    def one(rank: int) -> list[str]:
+        writer = cloudckpt.CheckpointWriter(
+            CheckpointWriterConfig(commit_timeout_secs=5, overwrite=True),
+            RankInfo(global_rank=rank, global_world_size=world),
+            run_id="rolling",
+        )
+        outcomes = []
+        try:
+            for i in range(saves):
+                try:
+                    writer.write(url, {"rank": rank, "save": i, "w": torch.full((64,), float(i))})
+                    outcomes.append("ok")
+                except SaveFailedError as e:
+                    outcomes.append(str(e))
+        finally:
+            writer.close()
+        return outcomes
+
+    with ThreadPoolExecutor(world) as pool:
+        assert list(pool.map(one, range(world))) == [["ok"] * saves] * world
+    for r, loaded in cloudckpt.CheckpointReader().read_all_ranks(url).items():
+        assert (loaded["rank"], loaded["save"]) == (r, saves - 1)
