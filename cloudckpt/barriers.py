@@ -168,7 +168,7 @@ class StoreRendezvous:
         self._poll = poll_interval_secs
         self._clock = clock
         self._sleep = sleep
-        self._commit_claimed = False  # seen rank 0's claim: waits for the manifest go on
+        self._commit_claimed = False  # seen rank 0's claim: a wait ends only at the commit
 
     def _delays(self) -> Iterator[float]:
         """Poll delays: 10 ms at first, doubling to ``poll_interval_secs``.
@@ -216,16 +216,20 @@ class StoreRendezvous:
         if decided is not None:
             raise self._aborted(decided)
 
-    def _give_up(self, what: str, hint: str) -> None:
-        """A wait timed out: claim the abort and raise, unless rank 0 already claimed the
-        commit (then return: the caller waits for the manifest)."""
-        decided = self._claim("abort", what)
-        if decided is None:
-            raise self._error(what, hint=hint + "; nothing was committed")
-        if decided.get("outcome") != "commit":
-            raise self._aborted(decided)
+    def _abort_unless_committing(self, reason: str, error: SaveFailedError) -> None:
+        """This save is failing here: claim the abort and raise ``error``, unless rank 0 already
+        claimed the commit (then return: the caller waits for the commit to finish)."""
+        decided = self._claim("abort", reason)
+        if decided is None or decided.get("outcome") != "commit":
+            raise error
         self._commit_claimed = True
-        logger.info("rank %d: %s, but rank 0 is committing %s", self._rank, what, self._url)
+        logger.info("rank %d: %s, but rank 0 is committing %s", self._rank, reason, self._url)
+
+    def _give_up(self, what: str, hint: str) -> None:
+        """A wait timed out: see :meth:`_abort_unless_committing`."""
+        self._abort_unless_committing(
+            what, self._error(what, hint=hint + "; nothing was committed")
+        )
 
     def _check_decision(self, names: set[str]) -> None:
         """Raise if the listing shows an abort; remember a commit claim."""
@@ -256,10 +260,7 @@ class StoreRendezvous:
                 # Final only once the abort is claimed: a rank whose writer died after its
                 # record was written may report a failure while rank 0 is already committing.
                 error = self._peer_failure(failed[0])
-                decided = self._claim("abort", str(error))
-                if decided is None or decided.get("outcome") != "commit":
-                    raise error
-                self._commit_claimed = True
+                self._abort_unless_committing(str(error), error)
             self._check_decision(names)
             missing = [r for r in range(self._world) if f"rank_{r}.json" not in names]
             if not missing or self._commit_claimed:
@@ -298,13 +299,10 @@ class StoreRendezvous:
         except Exception as e:
             logger.warning("rank 0 could not record the commit failure at %s: %s", self._url, e)
 
-    def give_up_after(self, error: BaseException) -> None:
-        """This rank failed after phase 1 (its barrier): claim the abort and raise ``error``,
-        unless rank 0 already claimed the commit (then return: wait for the manifest)."""
-        decided = self._claim("abort", f"{type(error).__name__}: {error}")
-        if decided is None or decided.get("outcome") != "commit":
-            raise error
-        self._commit_claimed = True
+    def give_up_after(self, error: SaveFailedError) -> None:
+        """This rank failed after phase 1 (at its barrier): see
+        :meth:`_abort_unless_committing`."""
+        self._abort_unless_committing(f"{type(error).__name__}: {error}", error)
 
     def report_committed(self) -> None:
         """Rank 0, after the manifest: tell the other ranks this save (not another save of the
@@ -338,7 +336,7 @@ class StoreRendezvous:
                     )
                 if extended:
                     raise self._error(
-                        f"rank 0 claimed the commit but its manifest did not appear within "
+                        f"rank 0 claimed the commit but did not finish it within "
                         f"{2 * self._timeout:.0f}s",
                         hint="rank 0 stalls while writing the manifest: the checkpoint may still "
                         "become committed; check CheckpointManager.list() before relying on it",

@@ -147,7 +147,7 @@ def test_a_rank_whose_wait_ends_after_the_commit_claim_waits_for_the_commit(
     clock = FakeClock()
     with pytest.raises(SaveFailedError, match="may still become committed") as err:
         rendezvous(storage, url, 1, 2, clock, timeout=2.0).wait_commit()
-    assert "manifest did not appear within 4s" in str(err.value)
+    assert "claimed the commit but did not finish it within 4s" in str(err.value)
     assert 4.0 <= clock.now < 5.0  # once more up to the timeout, then a bounded failure
     rendezvous(storage, url, 0, 2, FakeClock()).report_committed()
     rendezvous(storage, url, 1, 2, FakeClock(), timeout=2.0).wait_commit()
