@@ -42,8 +42,8 @@ from datetime import timedelta
 from typing import Any
 
 from ._upstream import BARRIER_REGISTRY, Barrier, BarrierConfig, RankInfo
-from .errors import CheckpointError, CommitConflictError, SaveFailedError
-from .manifest import RANK_RECORD_DIR
+from .errors import CheckpointError, CloudCkptError, CommitConflictError, SaveFailedError
+from .manifest import MANIFEST_NAME, RANK_RECORD_DIR, Manifest
 from .storage import Storage, join_url
 
 logger = logging.getLogger(__name__)
@@ -312,6 +312,16 @@ class StoreRendezvous:
         except Exception as e:  # committed all the same; the others say "may be committed"
             logger.warning("rank 0 could not tell the others %s is committed: %s", self._url, e)
 
+    def _manifest_is_ours(self) -> bool:
+        """Whether the manifest at the path is this save's (its ``save_id``)."""
+        url = join_url(self._url, MANIFEST_NAME)
+        try:
+            return (
+                Manifest.from_json(self._storage.get_bytes(url), url=url).save_id == self._save_id
+            )
+        except CloudCkptError:  # absent or unreadable: not (yet) ours
+            return False
+
     def wait_commit(self) -> None:
         """Phase 2 (ranks != 0): return once rank 0 committed this save; raise if it failed or
         timed out. Once rank 0 claimed the commit, the wait goes on for one more timeout."""
@@ -329,6 +339,8 @@ class StoreRendezvous:
                 raise self._error(f"rank 0 could not commit: {doc.get('error')}")
             self._check_decision(names)
             if self._clock() >= deadline:
+                if self._commit_claimed and self._manifest_is_ours():
+                    return  # committed; only rank 0's marker went missing
                 if not self._commit_claimed:
                     self._give_up(
                         f"rank 0 did not commit within {self._timeout:.0f}s",

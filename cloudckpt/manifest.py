@@ -58,6 +58,7 @@ class Manifest:
     torch_version: str = ""
     user_metadata: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    save_id: str | None = None  # the save that committed it (optional: older manifests lack it)
 
     @property
     def total_bytes(self) -> int:
@@ -85,6 +86,8 @@ class Manifest:
             "user_metadata": self.user_metadata,
             "ranks": [rank_entry_to_dict(r) for r in self.ranks],
         }
+        if self.save_id is not None:
+            doc["save_id"] = self.save_id
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -117,6 +120,7 @@ class Manifest:
                 torch_version=str(doc.get("torch_version", "")),
                 user_metadata=dict(doc.get("user_metadata") or {}),
                 format_version=version,
+                save_id=str(doc["save_id"]) if doc.get("save_id") is not None else None,
             )
         except ManifestError:
             raise

@@ -315,6 +315,7 @@ class CheckpointWriter(UpstreamCheckpointWriter):
             ranks=tuple(entries),
             torch_version=torch.__version__,
             user_metadata=dict(kwargs.get("metadata") or {}),
+            save_id=save_id,
         )
 
     @staticmethod

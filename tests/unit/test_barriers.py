@@ -5,6 +5,7 @@ multi-rank saves with one thread per rank."""
 from __future__ import annotations
 
 import gc
+import io
 import threading
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from cases import assert_bitwise_equal
 
 import cloudckpt
+import cloudckpt.manifest
 from cloudckpt import BarrierConfig, RankInfo
 from cloudckpt.barriers import (
     StoreAddress,
@@ -151,6 +153,38 @@ def test_a_rank_whose_wait_ends_after_the_commit_claim_waits_for_the_commit(
     assert 4.0 <= clock.now < 5.0  # once more up to the timeout, then a bounded failure
     rendezvous(storage, url, 0, 2, FakeClock()).report_committed()
     rendezvous(storage, url, 1, 2, FakeClock(), timeout=2.0).wait_commit()
+
+
+def _empty_layout() -> Any:
+    from cloudckpt.format import serialize
+
+    return serialize({"x": 1}, io.BytesIO())
+
+
+def test_a_missing_committed_marker_falls_back_to_this_saves_manifest(
+    storage: Storage, url: str
+) -> None:
+    """Rank 0 wrote the manifest but not its marker (a failed PUT, a crash in between): the
+    others accept the manifest only if it names their save."""
+    for r in range(2):
+        storage.put_bytes(rank_record_url(url, "run-1", r), b"{}")
+    rendezvous(storage, url, 0, 2, FakeClock()).claim_commit()
+    entries = tuple(
+        cloudckpt.manifest.RankEntry(r, f"checkpoint_{r}.pt", None, _empty_layout())
+        for r in range(2)
+    )
+    manifest_url = join_url(url, MANIFEST_NAME)
+    another = cloudckpt.manifest.Manifest(world_size=2, ranks=entries, save_id="run-0")
+    storage.put_bytes(manifest_url, another.to_json())
+    clock = FakeClock()
+    with pytest.raises(SaveFailedError, match="did not finish it within 4s"):
+        rendezvous(storage, url, 1, 2, clock, timeout=2.0).wait_commit()
+    ours = cloudckpt.manifest.Manifest(world_size=2, ranks=entries, save_id="run-1")
+    assert cloudckpt.manifest.Manifest.from_json(ours.to_json(), url=url).save_id == "run-1"
+    storage.put_bytes(manifest_url, ours.to_json())
+    clock = FakeClock()
+    rendezvous(storage, url, 1, 2, clock, timeout=2.0).wait_commit()
+    assert 2.0 <= clock.now < 3.0  # at the first deadline
 
 
 def test_a_failure_record_after_the_commit_claim_does_not_fail_the_save(
