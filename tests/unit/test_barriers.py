@@ -518,3 +518,44 @@ def test_back_to_back_overwrites_of_one_path_commit_on_every_rank(url: str) -> N
         assert list(pool.map(one, range(world))) == [["ok"] * saves] * world
     for r, loaded in cloudckpt.CheckpointReader().read_all_ranks(url).items():
         assert (loaded["rank"], loaded["save"]) == (r, saves - 1)
+
+
+@pytest.mark.parametrize("landed", [True, False])
+def test_a_manifest_put_whose_answer_was_lost_counts_only_if_it_landed(
+    url: str, monkeypatch: pytest.MonkeyPatch, landed: bool
+) -> None:
+    """The last attempt of the manifest PUT reached the store but its answer did not: the save
+    is committed, on every rank. Had it not landed, the save fails on every rank."""
+    import cloudckpt.writer
+    from cloudckpt.errors import RetriesExhaustedError
+
+    real_get_storage = cloudckpt.writer.get_storage
+
+    class LosesManifestAnswers:
+        def __init__(self, inner: Storage) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def put_bytes(self, target: str, data: bytes, **kwargs: Any) -> Any:
+            if not target.endswith(MANIFEST_NAME):
+                return self._inner.put_bytes(target, data, **kwargs)
+            if landed:
+                self._inner.put_bytes(target, data, **kwargs)
+            raise RetriesExhaustedError(f"put object {target}: timed out", attempts=3, url=target)
+
+    monkeypatch.setattr(
+        cloudckpt.writer, "get_storage", lambda u, c: LosesManifestAnswers(real_get_storage(u, c))
+    )
+    outcomes = save_on_ranks(url, [rank_state(r) for r in range(2)], run_id=f"lost-{landed}")
+    storage = get_storage(url)
+    if landed:
+        assert outcomes == [None, None]
+        for r, loaded in cloudckpt.CheckpointReader().read_all_ranks(url).items():
+            assert_bitwise_equal(loaded, rank_state(r))
+    else:
+        assert isinstance(outcomes[0], RetriesExhaustedError)
+        assert isinstance(outcomes[1], SaveFailedError)
+        assert "rank 0 could not commit: RetriesExhaustedError" in str(outcomes[1])
+        assert not storage.exists(join_url(url, MANIFEST_NAME))
