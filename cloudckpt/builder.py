@@ -21,6 +21,15 @@ from .staging import CloudStager
 from .writer import CheckpointWriter
 
 
+def _resolve_rank_info(rank_info: RankInfo | None) -> tuple[RankInfo, RankInfo | None]:
+    """The rank info to build with, and the same again when it was derived from the process
+    group (the checkpointer re-checks that one at each save and load), else None."""
+    if rank_info is not None:
+        return rank_info, None
+    derived = default_rank_info()
+    return derived, derived
+
+
 def default_subprocess_init_fn(*_: Any) -> None:
     """No-op subprocess initializer (upstream's default)."""
 
@@ -68,8 +77,7 @@ def make_sync_checkpointer(
         state = ckpt.load("s3://bucket/run/step-100")
     """
     config = config or CheckpointerConfig()
-    derived_rank_info = None if rank_info is not None else default_rank_info()
-    rank_info = rank_info or derived_rank_info
+    rank_info, derived_rank_info = _resolve_rank_info(rank_info)
     storage_config = config.storage_config()
     writer = CheckpointWriter(
         config=config.writer_config,
@@ -103,8 +111,7 @@ def make_async_checkpointer(
         write_future.result()   # committed
     """
     config = config or CheckpointerConfig()
-    derived_rank_info = None if rank_info is not None else default_rank_info()
-    rank_info = rank_info or derived_rank_info
+    rank_info, derived_rank_info = _resolve_rank_info(rank_info)
     storage_config = config.storage_config()
     store_address = check_writer_barrier_config(
         config.barrier_config,
