@@ -268,7 +268,8 @@ class StoreRendezvous:
             if self._clock() >= deadline:
                 self._give_up(
                     f"rank(s) {missing} did not finish within {self._timeout:.0f}s",
-                    "a rank crashed, hangs or saves another path "
+                    "a rank crashed, hangs, cannot write to the store (credentials, bucket) "
+                    "or saves another path "
                     "(CheckpointWriterConfig.commit_timeout_secs bounds this wait)",
                 )
                 return
@@ -509,6 +510,12 @@ def _barrier_kwargs(
         if os.environ.get("MASTER_ADDR"):
             known["master_address"] = os.environ["MASTER_ADDR"]
     params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(config.barrier_args) - set(params) - {"self"})
+    if unknown:
+        raise ValueError(
+            f"BarrierConfig(barrier_type={config.barrier_type!r}): unknown barrier_args "
+            f"{unknown}; {cls.__name__} takes {sorted(set(params) - {'self'})}"
+        )
     kwargs = {k: v for k, v in known.items() if k in params}
     kwargs.update(config.barrier_args)
     missing = [

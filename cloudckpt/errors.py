@@ -37,6 +37,12 @@ class CloudCkptError(Exception):
         return (_rebuild_error, (type(self), self.message, self.url, self.rank, self.hint))
 
 
+def name_rank(error: BaseException, rank: int) -> None:
+    """Add ``rank`` to a cloudckpt error raised without one (storage errors do not know it)."""
+    if isinstance(error, CloudCkptError) and error.rank is None:
+        CloudCkptError.__init__(error, error.message, url=error.url, rank=rank, hint=error.hint)
+
+
 def _rebuild_error(
     cls: type[CloudCkptError], message: str, url: str | None, rank: int | None, hint: str | None
 ) -> CloudCkptError:

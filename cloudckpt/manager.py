@@ -340,7 +340,14 @@ class CheckpointManager:
         if isinstance(protect, str):
             raise TypeError("protect must be an iterable of names or URLs, not one string")
         protected = {self._child_name(p) for p in protect}
-        stepped = [c for c in self.list() if c.committed and c.step is not None]
+        listed = self.list()
+        unknown = sorted(protected - {c.name for c in listed})
+        if unknown:
+            raise ValueError(
+                f"protect names {unknown}, which are not checkpoints under {self.prefix_url}; "
+                "nothing was deleted (a typo here would delete the checkpoint meant to be kept)"
+            )
+        stepped = [c for c in listed if c.committed and c.step is not None]
         newest_first = sorted(stepped, key=lambda c: (c.step, c.name), reverse=True)
         victims = [
             c
@@ -366,6 +373,11 @@ class CheckpointManager:
         than that. Pick an age longer than your slowest save: a save in progress looks exactly
         like an abandoned one. ``older_than_secs=0`` takes everything uncommitted.
         """
+        if isinstance(older_than_secs, bool) or not isinstance(older_than_secs, int | float):
+            raise TypeError(
+                f"older_than_secs must be a number of seconds (e.g. 7200), got "
+                f"{older_than_secs!r}; the CLI's `cloudckpt gc --older-than 2h` parses units"
+            )
         if older_than_secs < 0:
             raise ValueError(f"older_than_secs must be >= 0, got {older_than_secs!r}")
         now = time.time()

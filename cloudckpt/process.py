@@ -415,7 +415,15 @@ class CheckpointProcess:
         ready = wait([self._conn, self.process.sentinel], timeout_secs)
         if not ready:
             self._discard_process()
-            raise TimeoutError(f"checkpoint writer subprocess did not answer in {timeout_secs}s")
+            raise SaveFailedError(
+                f"the checkpoint writer subprocess did not answer in {timeout_secs}s"
+                + (f" while saving {path}" if path is not None else " after it was started"),
+                url=path,
+                rank=self._rank_info.global_rank,
+                hint="the writer is spawned: it imports your script's main module again, so the "
+                "training code must run under `if __name__ == \"__main__\":`; or the host is "
+                "overloaded (CheckpointProcessConfig.subprocess_init_timeout_secs)",
+            )
         # An answer sent just before exiting is still an answer.
         if self._conn.poll(0):
             try:

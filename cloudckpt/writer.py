@@ -38,6 +38,7 @@ from .errors import (
     NotFoundError,
     SaveFailedError,
     StorageError,
+    name_rank,
 )
 from .format import estimate_size_bytes, serialize
 from .manifest import (
@@ -166,6 +167,7 @@ class CheckpointWriter(UpstreamCheckpointWriter):
                 json.dumps(rank_entry_to_dict(entry)).encode(),
             )
         except BaseException as e:
+            name_rank(e, rank)
             if multi_rank:
                 rendezvous.report_failure(e)
             raise

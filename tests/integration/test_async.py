@@ -666,3 +666,24 @@ def _alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_writer_that_does_not_start_in_time_fails_the_save_naming_the_main_guard(
+    tmp_path: Path,
+) -> None:
+    """The usual cause: a script without ``if __name__ == "__main__":`` re-runs its training
+    in the spawned writer. Stood in for by an initializer slower than the start timeout."""
+    config = CheckpointerConfig(
+        process_config=cloudckpt.config.CheckpointProcessConfig(subprocess_init_timeout_secs=1)
+    )
+    ckpt = cloudckpt.make_async_checkpointer(
+        config, subprocess_init_fn=time.sleep, subprocess_init_args=(30,)
+    )
+    try:
+        _stage, write = ckpt.save(str(tmp_path / "step-1"), {"w": torch.ones(4)})
+        with pytest.raises(SaveFailedError, match="did not answer in 1s") as err:
+            write.result()
+        assert err.value.rank == 0
+        assert 'if __name__ == "__main__":' in str(err.value)
+    finally:
+        ckpt.close()

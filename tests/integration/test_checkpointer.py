@@ -229,6 +229,7 @@ def test_missing_bucket_is_named(backend: Backend) -> None:
     with pytest.raises(cloudckpt.BucketNotFoundError, match="no-such-bucket-cloudckpt") as info:
         ckpt.save(path, {"a": torch.ones(1)})
     assert isinstance(info.value, FileNotFoundError)
+    assert info.value.rank == 0 and "(rank 0)" in str(info.value)  # the saving rank is named
     with pytest.raises(FileNotFoundError, match="no-such-bucket-cloudckpt"):
         ckpt.load(path)
 

@@ -239,6 +239,12 @@ def test_retention_keeps_protected_and_every_kth_and_dry_run_deletes_nothing(
         manager.apply_retention(1, keep_every=0)
     with pytest.raises(TypeError, match="protect"):
         manager.apply_retention(1, protect="step-1")
+    before = [c.name for c in manager.list()]
+    with pytest.raises(ValueError, match=r"protect names \['stpe-3'\], which are not checkpoints"):
+        manager.apply_retention(1, protect=["stpe-3"])  # a typo must not delete step-3
+    assert [c.name for c in manager.list()] == before
+    with pytest.raises(TypeError, match=r"older_than_secs must be a number of seconds.*'2h'"):
+        manager.gc("2h")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("backend", ["local", "moto"], indirect=True)

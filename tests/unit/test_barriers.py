@@ -273,6 +273,10 @@ def test_explicit_barrier_args_win_over_injected_ones() -> None:
         (None, "barrier_args must be a dict, got NoneType"),
         ({"tcpstore_port": "abc", "master_address": "x"}, "must be an int within"),
         ({"tcpstore_port": 0, "master_address": "x"}, r"\[1, 65535\], got 0"),
+        (
+            {"tcpstore_port": 29613, "master_address": "x", "timeout_sec": 5},
+            r"unknown barrier_args \['timeout_sec'\]; TCPStoreBarrier takes",
+        ),
     ],
 )
 def test_bad_tcp_store_args_are_refused_naming_them(args: Any, message: str) -> None:
